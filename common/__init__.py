@@ -1,0 +1,1 @@
+"""Shared library of the training toolkit: one engine, one checkpoint format, one CLI."""

@@ -1,0 +1,225 @@
+"""Image classification recipe shared by gpu_train.py and multi_gpu_train.py: its flags,
+its data, its model, and train() which wires them into the engine."""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt_lib
+from .cli import add_device_args, add_training_args, inheritable, resolve
+from .data.builtin import TORCHVISION_SETS, make_demo_dataset, torchvision_classes, torchvision_dataset
+from .data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    check_images,
+    eval_transform,
+    folder_splits,
+    preprocessing,
+    train_transform,
+)
+from .data.loaders import make_loader
+from .device import resolve_channels_last
+from .engine import StepConfig, TrainState, fit
+from .errors import UserError
+from .models import build_model, list_models, load_weights_file
+from .optim import Schedule, build_optimizer
+from .session import EpochWriter, Session, check_positive, restore_train_state, save_run_config, start_session
+from .tasks import ClassificationTask
+
+TASK = "classification"
+DEMO_PRESET = {"model": "small_cnn", "img_size": 64, "epochs": 12, "batch_size": 32, "lr": 3e-3,
+               "weight_decay": 1e-4, "data_dir": "./demo_data", "output": "./demo_output",
+               "warmup_epochs": 1.0}
+
+
+def add_classification_args(parser: argparse.ArgumentParser) -> None:
+    d = parser.add_argument_group("data")
+    d.add_argument("--data-dir", default="./dataset",
+                   help="folder with train/ and val/ class folders (default: ./dataset)")
+    d.add_argument("--dataset", choices=["imagefolder", *TORCHVISION_SETS], default="imagefolder",
+                   help="imagefolder (default) or a torchvision set read from --data-dir")
+    d.add_argument("--download", action="store_true", help="download --dataset (needs internet)")
+    d.add_argument("--val-split", type=float, default=0.2,
+                   help="fraction of train/ held out when there is no val/ folder (default: 0.2)")
+    d.add_argument("--img-size", type=int, default=224, help="input size in pixels (default: 224)")
+    d.add_argument("--no-hflip", action="store_true",
+                   help="no horizontal flips (for data where mirroring changes the class)")
+    d.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
+                   help="check every image before epoch 1 (default: fast)")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="train without unreadable images (listed in bad_images.txt) instead of stopping")
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default="efficientnet_b0",
+                   help="torchvision or timm name, or small_cnn (default: efficientnet_b0)")
+    m.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes (default: counted from the class folders)")
+    m.add_argument("--pretrained", action="store_true",
+                   help="start from the library's weights (needs network)")
+    m.add_argument("--weights", metavar="PATH", help="start from weights in a local file")
+    m.add_argument("--list-models", action="store_true", help="list the model names and exit")
+    o = parser.add_argument_group("output")
+    o.add_argument("--output", default="./output", help="output folder (default: ./output)")
+    o.add_argument("--demo", action="store_true",
+                   help="write a small built-in two-class image set and train on it")
+    o.add_argument("--demo-images", type=int, default=200,
+                   help="images per class of the --demo set (default: 200)")
+    add_training_args(parser, batch_size=32, epochs=50, lr=1e-3)
+    add_device_args(parser)
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
+    """Layers: defaults < --config < presets (--demo, --dataset) < checkpoint (--resume) < argv."""
+    first, given = resolve(parser, argv)
+    layers: list[dict[str, Any]] = []
+    if first.demo:
+        layers.append(DEMO_PRESET)
+    if first.dataset in TORCHVISION_SETS:
+        layers.append({"img_size": TORCHVISION_SETS[first.dataset][3]})
+    ckpt = None
+    if first.resume:
+        ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
+        layers.append(inheritable(ckpt.get("config", {}), parser))
+        layers.append({"output": str(Path(first.resume).parent)})
+    args, _ = resolve(parser, argv, layers)
+    return args, ckpt
+
+
+@dataclass
+class ClassificationData:
+    classes: list[str]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    preprocessing: dict[str, Any]
+    description: str
+
+
+def _torchvision_data(args, s: Session) -> tuple[list[str], Any, Any, dict[str, Any], str]:
+    _, mean, std, _ = TORCHVISION_SETS[args.dataset]
+    pre = preprocessing(args.img_size, mean, std, crop_pct=1.0)
+    root = Path(args.data_dir)
+    train = torchvision_dataset(args.dataset, root, True, args.download,
+                                train_transform(pre, hflip=not args.no_hflip))
+    val = torchvision_dataset(args.dataset, root, False, False, eval_transform(pre))
+    return torchvision_classes(train), train, val, pre, f"{args.dataset} in {root}"
+
+
+def _folder_data(args, s: Session) -> tuple[list[str], Any, Any, dict[str, Any], str]:
+    splits = folder_splits(Path(args.data_dir), args.val_split, args.seed)
+    train, val = _drop_bad_images(splits.train, splits.val, args, s)
+    pre = preprocessing(args.img_size, IMAGENET_MEAN, IMAGENET_STD)
+    return (splits.classes, ImageDataset(train, train_transform(pre, hflip=not args.no_hflip)),
+            ImageDataset(val, eval_transform(pre)), pre, splits.description)
+
+
+def _drop_bad_images(train, val, args, s: Session):
+    bad = check_images([p for p, _ in train + val], args.check_images, show_progress=s.is_main)
+    if not bad:
+        return train, val
+    listing = "; ".join(f"{p}: {why}" for p, why in bad[:3]) + (" ..." if len(bad) > 3 else "")
+    if not args.skip_bad_images:
+        raise UserError(f"{len(bad)} unreadable image(s): {listing}. Remove or replace them, or "
+                        "pass --skip-bad-images to train without them")
+    if s.is_main:
+        report = s.output / "bad_images.txt"
+        report.write_text("".join(f"{p}\t{why}\n" for p, why in bad), encoding="utf-8")
+        s.log(f"skipping {len(bad)} unreadable image(s), listed in {report}")
+    dropped = {p for p, _ in bad}
+    train = [x for x in train if x[0] not in dropped]
+    val = [x for x in val if x[0] not in dropped]
+    if not train or not val:
+        raise UserError("no readable images left after --skip-bad-images; see bad_images.txt")
+    return train, val
+
+
+def build_data(args: argparse.Namespace, s: Session) -> ClassificationData:
+    if args.img_size < 8:
+        raise UserError(f"--img-size must be at least 8, got {args.img_size}")
+    if args.demo:
+        make_demo_dataset(Path(args.data_dir), images_per_class=args.demo_images)
+    builder = _torchvision_data if args.dataset in TORCHVISION_SETS else _folder_data
+    classes, train, val, pre, description = builder(args, s)
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise UserError(f"--num-classes {args.num_classes} but {args.data_dir} has {len(classes)} "
+                        f"classes ({', '.join(classes[:10])}); drop --num-classes or fix the folders")
+    if len(classes) < 2:
+        raise UserError(f"{args.data_dir} has only one class ({classes[0]}); classification needs "
+                        "at least two class folders")
+    loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory}
+    return ClassificationData(
+        classes=classes,
+        train_loader=make_loader(train, args.batch_size, train=True, seed=args.seed, **loader_args),
+        val_loader=make_loader(val, args.batch_size, train=False, **loader_args),
+        preprocessing=pre,
+        description=f"{description}: {len(train)} train / {len(val)} val images, {len(classes)} classes")
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
+                     channels_last: bool) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """(model to train, plain model, spec). The first may be compiled; both share weights."""
+    model, spec = build_model(args.model, num_classes, pretrained=args.pretrained)
+    if args.weights:
+        load_weights_file(model, args.weights, s.log)
+    model.to(s.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    s.log(f"model: {args.model} ({spec['source']}), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return (torch.compile(model) if args.compile else model), model, spec
+
+
+def train(args: argparse.Namespace, ckpt: dict | None) -> int:
+    if args.list_models:
+        for source, names in list_models().items():
+            print(f"{source} ({len(names)}): {' '.join(names)}")
+        return 0
+    check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval")
+    s = start_session(args, Path(args.output), resuming=ckpt is not None)
+    data = build_data(args, s)
+    s.log(f"data: {data.description}")
+    if ckpt is not None and list(ckpt["classes"]) != data.classes:
+        raise UserError(f"classes in {args.resume} ({', '.join(ckpt['classes'])}) differ from "
+                        f"{args.data_dir} ({', '.join(data.classes)}); resume on the same data")
+    channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
+    model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
+    optimizer = build_optimizer(plain.parameters(), args.optimizer, args.lr, args.weight_decay,
+                                args.momentum, args.amsgrad)
+    steps = math.ceil(len(data.train_loader) / args.accumulate_grad_batches)
+    schedule = Schedule(optimizer, args.scheduler, epochs=args.epochs, steps_per_epoch=steps,
+                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+                        step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
+    state = TrainState()
+    if ckpt is not None:
+        state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
+        if args.epochs <= state.epoch:
+            raise UserError(f"{args.resume} has already trained {state.epoch} epochs; pass "
+                            f"--epochs above {state.epoch} to train further")
+        s.log(f"resumed from {args.resume} at epoch {state.epoch} (step {state.step})")
+    s.log(f"batch {args.batch_size} x accumulation {args.accumulate_grad_batches} = "
+          f"{args.batch_size * args.accumulate_grad_batches} images per optimizer step; "
+          f"{args.epochs} epochs; output in {s.output}")
+    save_run_config(s)
+    task = ClassificationTask(len(data.classes), args.label_smoothing)
+    meta = {"classes": data.classes, "preprocessing": data.preprocessing}
+    writer = EpochWriter(s, plain, task=TASK, model_spec=spec, meta=meta, optimizer=optimizer,
+                         schedule=schedule, epochs=args.epochs)
+    step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
+                          channels_last=channels_last,
+                          log_interval=args.log_interval, show_progress=s.is_main)
+    try:
+        fit(model, task, data.train_loader, data.val_loader, optimizer, schedule, s.precision,
+            s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
+            min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log)
+    finally:
+        writer.close()
+    if state.best_metric is not None:
+        s.log(f"done: best val accuracy {100 * state.best_metric:.2f}% at epoch {state.best_epoch}; "
+              f"best model {s.output / 'best_model.pth'}, resume state {s.output / 'checkpoint.pth'}")
+    return 0

@@ -1,0 +1,193 @@
+"""The argument groups every script shares, and layered configuration.
+
+Precedence, lowest first: the parser's defaults, `--config FILE.json`, script layers
+(the demo preset, a checkpoint's config on --resume), then the flags on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+_UNSET = object()
+
+# Keys that describe one invocation, not the run: never inherited from --config or a checkpoint.
+PER_INVOCATION = frozenset({"config", "resume", "list_models", "demo"})
+# Keys tied to the machine; a resumed run takes them from the new command line or defaults.
+MACHINE_KEYS = frozenset({"device", "gpu_id", "no_gpu", "num_workers", "pin_memory",
+                          "gpu_memory_fraction"})
+
+
+def tristate(value: str) -> bool | str:
+    """Parse auto/true/false (accepting True/False/1/0/yes/no, as the guides write them)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="JSON file of defaults (keys are flag names); the command line wins")
+    return parser
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("device and precision")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--gpu-id", type=int, default=None, help="index of the GPU to use")
+    g.add_argument("--no-gpu", action="store_true", help="train on the CPU even if a GPU is present")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: float16 + GradScaler on CUDA (bfloat16 with --amp-dtype)")
+    g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="autocast dtype for --amp (default float16; bfloat16 also enables AMP on CPU)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes (default: auto, safe on Windows)")
+    g.add_argument("--pin-memory", type=tristate, nargs="?", const=True, default="auto",
+                   help="pin host memory for faster copies: auto (on with CUDA), true or false")
+    g.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="cap this process's share of GPU memory (0-1], CUDA only")
+    g.add_argument("--channels-last", type=tristate, nargs="?", const=True, default="auto",
+                   help="channels_last memory format: auto (on for CUDA), true or false")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (slower; bit-exact resume on CPU)")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int,
+                      lr: float) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"batch size per process (default: {batch_size})")
+    g.add_argument("--epochs", type=int, default=epochs,
+                   help=f"total number of epochs (default: {epochs}); with --resume, the new total")
+    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default: {lr})")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default: 0.01)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd", "adam"], default="adamw",
+                   help="optimizer (default: adamw)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--amsgrad", action="store_true", help="AMSGrad variant of Adam/AdamW")
+    g.add_argument("--scheduler", default="cosine",
+                   choices=["cosine", "step", "warmrestart", "onecycle", "plateau", "none"],
+                   help="learning-rate schedule (default: cosine)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear warm-up from lr/100 over this many epochs (default: 0)")
+    g.add_argument("--step-size", type=int, default=20, help="step: epochs between decays (20)")
+    g.add_argument("--gamma", type=float, default=0.1, help="step/plateau: decay factor (0.1)")
+    g.add_argument("--t0", type=int, default=10, help="warmrestart: epochs of the first cycle (10)")
+    g.add_argument("--t-mult", type=int, default=2, help="warmrestart: cycle growth factor (2)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="floor of cosine schedules (0)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy loss (default: 0)")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="clip the gradient norm to this value (default: off)")
+    g.add_argument("--accumulate-grad-batches", type=int, default=1,
+                   help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--early-stopping-patience", type=int, default=None,
+                   help="stop after this many epochs without improvement (default: off)")
+    g.add_argument("--min-delta", type=float, default=0.0,
+                   help="smallest change that counts as an improvement (default: 0)")
+    g.add_argument("--log-interval", type=int, default=20,
+                   help="steps between progress-bar updates (the only host syncs; default: 20)")
+    g.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue the run saved in this checkpoint.pth (same output folder)")
+
+
+def _dest_map(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in {"help", argparse.SUPPRESS}}
+
+
+def given_on_command_line(parser: argparse.ArgumentParser,
+                          argv: Sequence[str] | None) -> dict[str, Any]:
+    """Parse argv and return only the values the user actually typed."""
+    ns = argparse.Namespace(**{dest: _UNSET for dest in _dest_map(parser)})
+    parser.parse_args(argv, ns)
+    return {k: v for k, v in vars(ns).items() if v is not _UNSET}
+
+
+def read_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Load --config JSON; keys may use dashes or underscores; unknown keys are an error."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {file} does not exist; pass a JSON file of flag values")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {file} is not valid JSON ({exc}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {file} must hold a JSON object of flag values")
+    return coerce_values(raw, parser, source=f"config file {file}")
+
+
+def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,
+                  source: str) -> dict[str, Any]:
+    actions = _dest_map(parser)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = key.lstrip("-").replace("-", "_")
+        if dest not in actions or dest in PER_INVOCATION - {"demo"}:
+            valid = ", ".join(sorted(d for d in actions if d not in PER_INVOCATION))
+            raise UserError(f"{source}: unknown key {key!r}; valid keys: {valid}")
+        action = actions[dest]
+        if isinstance(value, str) and action.type is not None and value is not None:
+            try:
+                value = action.type(value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise UserError(f"{source}: bad value for {key!r}: {exc}") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise UserError(f"{source}: {key!r} must be one of {', '.join(map(str, action.choices))}")
+        values[dest] = value
+    return values
+
+
+def resolve(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+            layers: Iterable[Mapping[str, Any]] = ()) -> tuple[argparse.Namespace, set[str]]:
+    """Resolve the config: defaults < --config < layers < command line.
+
+    Returns the namespace and the set of keys the user typed on the command line.
+    """
+    given = given_on_command_line(parser, argv)
+    values = {dest: action.default for dest, action in _dest_map(parser).items()}
+    if given.get("config"):
+        values.update(read_config_file(given["config"], parser))
+    for layer in layers:
+        values.update(layer)
+    values.update(given)
+    return argparse.Namespace(**values), set(given)
+
+
+def inheritable(config: Mapping[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The part of a saved config that a resumed run takes over (known keys only)."""
+    actions = _dest_map(parser)
+    skip = PER_INVOCATION | MACHINE_KEYS
+    return {k: v for k, v in config.items() if k in actions and k not in skip}
+
+
+def write_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
+    payload = {k: v for k, v in sorted(vars(args).items()) if _is_plain(v)}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def plain_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if _is_plain(v)}
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return False

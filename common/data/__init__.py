@@ -1,0 +1,1 @@
+"""Datasets: image folders, built-in sets (CIFAR-10, MNIST, the demo set)."""

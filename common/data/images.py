@@ -1,0 +1,222 @@
+"""Folders of images: scanning class folders, checking files before training, robust
+decoding (grayscale, RGBA, palette, 16-bit and CMYK become RGB), and the transforms."""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Sample = tuple[str, int]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def class_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_class_folders(root: Path, classes: Sequence[str] | None = None
+                       ) -> tuple[list[str], list[Sample]]:
+    """Classes (sorted folder names, or the given order) and (path, label) samples."""
+    if not root.exists():
+        raise UserError(f"data folder {root} does not exist; pass --data-dir with one folder "
+                        "per class (e.g. dataset/train/cat/*.jpg)")
+    if not root.is_dir():
+        raise UserError(f"{root} is a file, not a folder; pass the folder holding the class folders")
+    found = class_folders(root)
+    if not found:
+        raise UserError(f"no class folders in {root}; put each class's images in its own "
+                        f"sub-folder, e.g. {root}/cat/ and {root}/dog/")
+    names = list(classes) if classes is not None else found
+    index = {name: i for i, name in enumerate(names)}
+    samples: list[Sample] = []
+    for name in found:
+        images = list_images(root / name)
+        if not images:
+            raise UserError(f"class folder {root / name} holds no images "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it")
+        if name in index:
+            samples += [(str(p), index[name]) for p in images]
+    return names, samples
+
+
+def stratified_split(samples: Sequence[Sample], fraction: float, seed: int
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """Split off `fraction` of each class (at least one image per class) with a fixed seed."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--val-split must be between 0 and 1, got {fraction}")
+    rng = random.Random(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        rng.shuffle(items)
+        n_val = max(1, round(len(items) * fraction)) if len(items) > 1 else 0
+        val += items[:n_val]
+        train += items[n_val:]
+    return sorted(train), sorted(val)
+
+
+@dataclass
+class FolderSplits:
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    description: str
+
+
+def folder_splits(data_dir: Path, val_split: float, seed: int) -> FolderSplits:
+    """train/ and val/ under data_dir; without val/, a stratified --val-split of train/.
+
+    A data_dir holding class folders directly (no train/) is split the same way.
+    """
+    train_dir = data_dir / "train"
+    if not data_dir.exists():
+        raise UserError(f"data folder {data_dir} does not exist; put your images in "
+                        f"{data_dir}/train/<class>/ and {data_dir}/val/<class>/ "
+                        "(or try the built-in set with --demo)")
+    if not train_dir.is_dir():
+        classes, samples = scan_class_folders(data_dir)
+        train, val = stratified_split(samples, val_split, seed)
+        return FolderSplits(classes, train, val, f"{data_dir} split {1 - val_split:.0%}/{val_split:.0%}")
+    classes, samples = scan_class_folders(train_dir)
+    val_dir = data_dir / "val"
+    if not val_dir.is_dir():
+        train, val = stratified_split(samples, val_split, seed)
+        return FolderSplits(classes, train, val,
+                            f"{train_dir} split {1 - val_split:.0%}/{val_split:.0%} (no val/ folder)")
+    val_classes = class_folders(val_dir)
+    if set(val_classes) != set(classes):
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        raise UserError(f"class folders of {train_dir} and {val_dir} differ (only in train: "
+                        f"{only_train or 'none'}; only in val: {only_val or 'none'}); "
+                        "make both hold the same class folders")
+    _, val = scan_class_folders(val_dir, classes)
+    return FolderSplits(classes, samples, val, f"{train_dir} + {val_dir}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16-bit and float scaled down, palette/alpha flattened."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def check_image(path: str, mode: str) -> str | None:
+    """None when the file decodes; otherwise why not. fast: full decode at reduced scale for
+    JPEG, CRC walk for PNG; full: decode every pixel."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            if mode == "fast" and img.format == "PNG":
+                img.verify()
+                return None
+            if mode == "fast" and img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            if mode == "full":
+                to_rgb(img)
+        return None
+    except UnidentifiedImageError:
+        return "not an image file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return f"cannot be decoded ({text})"
+
+
+def check_images(paths: Sequence[str], mode: str, show_progress: bool = True
+                 ) -> list[tuple[str, str]]:
+    """Check all files in parallel threads (PIL releases the GIL while decoding)."""
+    if mode == "off" or not paths:
+        return []
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(lambda p: check_image(p, mode), paths), total=len(paths),
+                            desc=f"checking images ({mode})", leave=False,
+                            disable=not show_progress or len(paths) < 500))
+    return [(p, why) for p, why in zip(paths, results, strict=True) if why is not None]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) samples decoded to RGB and transformed; picklable for spawn workers."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any]):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+class ToRGB:
+    """Transform step for datasets that hand over PIL images in other modes (MNIST)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+
+def preprocessing(img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD, crop_pct: float = 0.875) -> dict[str, Any]:
+    """What a checkpoint stores so every tool prepares images exactly as validation did."""
+    return {"img_size": int(img_size), "resize_size": int(round(img_size / crop_pct)),
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "channels": 3, "interpolation": "bilinear"}
+
+
+def eval_transform(pre: dict[str, Any]) -> T.Compose:
+    return T.Compose([ToRGB(), T.Resize(pre["resize_size"], antialias=True),
+                      T.CenterCrop(pre["img_size"]), T.ToTensor(),
+                      T.Normalize(pre["mean"], pre["std"])])
+
+
+def train_transform(pre: dict[str, Any], hflip: bool = True) -> T.Compose:
+    """The guide's augmentation: random resized crop, flip, rotation 15 degrees, colour jitter."""
+    steps: list[Any] = [ToRGB(), T.RandomResizedCrop(pre["img_size"], scale=(0.6, 1.0), antialias=True)]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip(0.5))
+    steps += [T.RandomRotation(15), T.ColorJitter(0.2, 0.2, 0.2),
+              T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+    return T.Compose(steps)

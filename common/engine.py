@@ -1,0 +1,185 @@
+"""fit() / evaluate(): the one training loop every script uses.
+
+The step never waits for the device: inputs move with non_blocking=True, loss and metric
+totals stay on the device, and numbers are read only every --log-interval steps (for the
+progress bar) and once at the end of an epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distributed import all_reduce_sum
+from .optim import Schedule
+from .precision import Precision
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs beyond the weights and the optimizer."""
+    epoch: int = 0                 # epochs completed
+    step: int = 0                  # optimizer steps taken
+    best_metric: float | None = None
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def improved(self, value: float | None, min_delta: float) -> bool:
+        """Record `value` (higher is better); True when it beats the best by min_delta."""
+        if value is None or math.isnan(value):
+            return False
+        if self.best_metric is None or value > self.best_metric + min_delta:
+            self.best_metric, self.best_epoch = value, self.epoch
+            return True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "history": [dict(h) for h in self.history]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        return cls(epoch=int(data["epoch"]), step=int(data["step"]),
+                   best_metric=data.get("best_metric"), best_epoch=int(data.get("best_epoch", 0)),
+                   history=[dict(h) for h in data.get("history", [])])
+
+
+@dataclass
+class StepConfig:
+    """How one optimizer step is taken."""
+    accumulate: int = 1
+    clip_grad: float | None = None
+    channels_last: bool = False
+    log_interval: int = 20
+    show_progress: bool = True
+
+
+def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = batch[0], batch[1]
+    inputs = inputs.to(device, non_blocking=True)
+    if channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, targets.to(device, non_blocking=True)
+
+
+def _reduced(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum totals over ranks and bring them to the host: the one sync of an epoch."""
+    return {k: all_reduce_sum(v).cpu() for k, v in totals.items()}
+
+
+def _postfix(task: Any, totals: dict[str, torch.Tensor], lr: float, samples: int,
+             started: float) -> dict[str, str]:
+    metrics = task.summarize({k: v for k, v in totals.items() if v.dim() == 0})
+    rate = samples / max(time.perf_counter() - started, 1e-9)
+    shown = {k: f"{v:.4f}" for k, v in metrics.items()}
+    shown.update(lr=f"{lr:.2e}", **{"img/s": f"{rate:.0f}"})
+    return shown
+
+
+def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    schedule: Schedule, precision: Precision, device: torch.device,
+                    cfg: StepConfig, state: TrainState, desc: str = "train") -> dict[str, float]:
+    """One pass over `loader`; returns the epoch's training metrics and throughput."""
+    model.train()
+    totals = task.new_totals(device, train=True)
+    n_batches = len(loader)  # type: ignore[arg-type]
+    accumulate = max(cfg.accumulate, 1)
+    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not cfg.show_progress,
+               dynamic_ncols=True, mininterval=0.5)
+    samples, started = 0, time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        group_start = (i // accumulate) * accumulate
+        group_size = min(accumulate, n_batches - group_start)
+        inputs, targets = _to_device(batch, device, cfg.channels_last)
+        with precision.autocast():
+            outputs = model(inputs)
+            loss = task.loss(outputs, targets, train=True)
+        precision.scaler.scale(loss / group_size).backward()
+        task.accumulate(totals, outputs.detach(), targets, loss.detach())
+        samples += targets.shape[0]
+        if i == group_start + group_size - 1:
+            _optimizer_step(model, optimizer, precision, cfg.clip_grad)
+            schedule.step()
+            state.step += 1
+        bar.update(1)
+        if cfg.show_progress and (i + 1) % cfg.log_interval == 0:
+            bar.set_postfix(_postfix(task, totals, schedule.lr, samples, started), refresh=False)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    metrics = task.summarize(_reduced(totals))
+    metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
+    return metrics
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                    clip_grad: float | None) -> None:
+    if clip_grad:
+        precision.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, task: Any, loader: Iterable, precision: Precision,
+             device: torch.device, *, channels_last: bool = False, show_progress: bool = False,
+             desc: str = "val") -> dict[str, torch.Tensor]:
+    """Run the model over `loader`; returns the task's totals, summed over ranks, on the host."""
+    model.eval()
+    totals = task.new_totals(device, train=False)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
+        inputs, targets = _to_device(batch, device, channels_last)
+        with precision.autocast():
+            outputs = model(inputs)
+        task.accumulate(totals, outputs.float(), targets, task.loss(outputs, targets, train=False))
+    return _reduced(totals)
+
+
+EpochHook = Callable[[TrainState, dict[str, float], bool], None]
+
+
+def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterable | None,
+        optimizer: torch.optim.Optimizer, schedule: Schedule, precision: Precision,
+        device: torch.device, *, epochs: int, state: TrainState, step_cfg: StepConfig,
+        on_epoch_end: EpochHook | None = None, min_delta: float = 0.0,
+        patience: int | None = None, log: Callable[[str], None] = print) -> TrainState:
+    """Train from state.epoch to `epochs`, evaluating, saving and stopping early as asked.
+
+    on_epoch_end(state, record, improved) runs after each epoch (saving, logging, plots);
+    training stops early after `patience` epochs without an improvement > min_delta.
+    """
+    sampler = getattr(train_loader, "sampler", None)
+    for epoch in range(state.epoch, epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        train = train_one_epoch(model, task, train_loader, optimizer, schedule, precision, device,
+                                step_cfg, state, desc=f"epoch {epoch + 1}/{epochs}")
+        record: dict[str, float] = {"epoch": epoch + 1}
+        record.update({f"train_{k}": v for k, v in train.items() if k != "samples_per_s"})
+        if val_loader is not None:
+            val = task.summarize(evaluate(model, task, val_loader, precision, device,
+                                          channels_last=step_cfg.channels_last))
+            record.update({f"val_{k}": v for k, v in val.items()})
+            schedule.epoch_end(val.get("loss"))
+        record.update(lr=schedule.lr, samples_per_s=train["samples_per_s"],
+                      epoch_time=time.perf_counter() - started)
+        state.epoch = epoch + 1
+        state.history.append(record)
+        monitored = record.get(f"val_{task.monitor}", record.get(f"train_{task.monitor}"))
+        improved = state.improved(monitored, min_delta)
+        if on_epoch_end is not None:
+            on_epoch_end(state, record, improved)
+        if patience is not None and state.epoch - state.best_epoch >= patience:
+            log(f"early stopping: no improvement of val {task.monitor} above {min_delta} for "
+                f"{patience} epochs (best {state.best_metric:.4f} at epoch {state.best_epoch})")
+            break
+    return state

@@ -1,0 +1,29 @@
+"""UserError and the one place that turns it into `error: ...` and exit code 2."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UserError(Exception):
+    """Bad input from the user: what is wrong, which file, what to do.
+
+    Scripts print it as one line and exit with code 2; it never shows a traceback.
+    """
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: the last saved checkpoint is intact; resume with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED

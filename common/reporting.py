@@ -1,0 +1,164 @@
+"""Logging (console + training.log), metrics.csv, TensorBoard scalars and PNG plots."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOGGER_NAME = "toolkit"
+
+
+def setup_logging(output_dir: Path | None, enabled: bool = True) -> logging.Logger:
+    """Console (stdout) and, when output_dir is given, training.log (appended on resume)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO if enabled else logging.ERROR)
+    logger.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if output_dir is not None and enabled:
+        file = logging.FileHandler(output_dir / "training.log", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(file)
+    return logger
+
+
+def close_logging() -> None:
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def format_epoch(record: dict[str, float], epochs: int, improved: bool) -> str:
+    parts = [f"epoch {int(record['epoch'])}/{epochs}"]
+    for split in ("train", "val"):
+        if f"{split}_loss" in record:
+            text = f"{split} loss {record[f'{split}_loss']:.4f}"
+            if f"{split}_acc" in record:
+                text += f" acc {100 * record[f'{split}_acc']:.2f}%"
+            parts.append(text)
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{record['samples_per_s']:.0f} img/s")
+    parts.append(f"{record['epoch_time']:.1f}s")
+    if improved:
+        parts.append("* best")
+    return " | ".join(parts)
+
+
+def write_metrics_csv(history: Sequence[dict[str, float]], path: Path) -> None:
+    """Rewrite metrics.csv from the run's history (so a resumed run has one row per epoch)."""
+    if not history:
+        return
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+class TensorBoard:
+    """Scalars per epoch; absent tensorboard means a notice, not a crash."""
+
+    def __init__(self, folder: Path, log, purge_step: int | None = None):
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("notice: tensorboard is not installed; no TensorBoard logs "
+                "(pip install tensorboard)")
+            return
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+
+    def scalars(self, record: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        step = int(record["epoch"])
+        for key, value in record.items():
+            if key != "epoch":
+                group = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
+                self.writer.add_scalar(group, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
+    """curves.png: loss, the task's main metric, and the learning rate per epoch."""
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    metric = next((m for m in ("acc", "dice") if f"val_{m}" in history[0]
+                   or f"train_{m}" in history[0]), None)
+    panels = ["loss"] + ([metric] if metric else []) + ["lr"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, name in zip(axes, panels, strict=True):
+        if name == "lr":
+            ax.plot(epochs, [r["lr"] for r in history], color="tab:green")
+            ax.set_yscale("log" if min(r["lr"] for r in history) > 0 else "linear")
+        else:
+            for split in ("train", "val"):
+                key = f"{split}_{name}"
+                if key in history[0]:
+                    ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker=".",
+                            label=split)
+            ax.legend()
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
+                          path: Path) -> None:
+    n = len(classes)
+    size = min(max(4.0, 0.5 * n + 2), 20.0)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max((max(row) for row in matrix), default=0)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                value = matrix[i][j]
+                ax.text(j, i, str(value), ha="center", va="center",
+                        color="white" if value > peak / 2 else "black", fontsize=8)
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

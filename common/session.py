@@ -1,0 +1,163 @@
+"""What every training script sets up before the data: device, precision, seeds, output folder,
+logging; and what it writes after each epoch: checkpoints, metrics.csv, TensorBoard, plots."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt_lib
+from .cli import plain_config, write_config
+from .device import (
+    configure_backends,
+    default_num_workers,
+    describe,
+    resolve_pin_memory,
+    seed_everything,
+    select_device,
+    set_memory_fraction,
+)
+from .distributed import DistContext, barrier, context_from_env
+from .engine import TrainState
+from .errors import UserError
+from .optim import Schedule
+from .precision import Precision, make_precision
+from .reporting import TensorBoard, format_epoch, plot_curves, setup_logging, write_metrics_csv
+
+RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
+             "training.log", "tensorboard", "bad_images.txt")
+
+
+@dataclass
+class Session:
+    args: argparse.Namespace
+    ctx: DistContext
+    device: torch.device
+    precision: Precision
+    output: Path
+    log: Callable[[str], None]
+    num_workers: int
+    pin_memory: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+
+def start_session(args: argparse.Namespace, output: Path, resuming: bool) -> Session:
+    ctx = context_from_env()
+    if ctx.is_main:
+        if not resuming:
+            _archive_previous_run(output)
+        output.mkdir(parents=True, exist_ok=True)
+    logger = setup_logging(output if ctx.is_main else None, enabled=ctx.is_main)
+    log = logger.info
+    device = select_device(args.device, args.gpu_id, args.no_gpu,
+                           local_rank=ctx.local_rank if ctx.enabled else None, log=log)
+    configure_backends(device, args.deterministic)
+    set_memory_fraction(args.gpu_memory_fraction, device, log)
+    seed_everything(args.seed + ctx.rank)
+    precision = make_precision(device, args.amp, args.amp_dtype, log)
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
+    if workers < 0:
+        raise UserError(f"--num-workers must be 0 or more, got {workers}")
+    log(describe(device))
+    log(precision.describe())
+    return Session(args, ctx, device, precision, output, log, workers,
+                   resolve_pin_memory(args.pin_memory, device))
+
+
+def _archive_previous_run(output: Path) -> None:
+    """A new run in a folder that holds an earlier run moves that run aside, never over it."""
+    present = [name for name in RUN_FILES if (output / name).exists()]
+    if not present:
+        return
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    archive = output / f"previous_run_{stamp}"
+    archive.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        shutil.move(str(output / name), str(archive / name))
+    print(f"notice: {output} held an earlier run; moved its files to {archive}")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is None or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+
+
+class EpochWriter:
+    """on_epoch_end for fit(): checkpoint.pth (resume state), best_model.pth, metrics.csv,
+    TensorBoard scalars, curves.png and the epoch's log line. Only rank 0 writes."""
+
+    def __init__(self, session: Session, model: nn.Module, *, task: str,
+                 model_spec: dict[str, Any], meta: dict[str, Any], optimizer: torch.optim.Optimizer,
+                 schedule: Schedule, epochs: int, extra_state: Callable[[], dict] | None = None):
+        self.s = session
+        self.model, self.task, self.spec, self.meta = model, task, model_spec, meta
+        self.optimizer, self.schedule, self.epochs = optimizer, schedule, epochs
+        self.extra_state = extra_state
+        self.tb = None
+
+    def __call__(self, state: TrainState, record: dict[str, float], improved: bool) -> None:
+        if self.s.is_main:
+            metrics = {k: v for k, v in record.items() if k != "epoch"}
+            config = plain_config(self.s.args)
+            train_state = self.train_state(state)
+            out = self.s.output
+            ckpt_lib.atomic_save(self._payload(metrics, config, train_state), out / "checkpoint.pth")
+            if improved:
+                ckpt_lib.atomic_save(self._payload(metrics, config, None), out / "best_model.pth")
+            write_metrics_csv(state.history, out / "metrics.csv")
+            if self.tb is None:
+                self.tb = TensorBoard(out / "tensorboard", self.s.log, purge_step=state.epoch)
+            self.tb.scalars(record)
+            plot_curves(state.history, out / "curves.png")
+            self.s.log(format_epoch(record, self.epochs, improved))
+        barrier()
+
+    def _payload(self, metrics, config, train_state) -> dict[str, Any]:
+        return ckpt_lib.make_payload(self.model, task=self.task, model_spec=self.spec, meta=self.meta,
+                                     metrics=metrics, config=config, train_state=train_state)
+
+    def train_state(self, state: TrainState) -> dict[str, Any]:
+        data = state.to_dict()
+        data.update(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                    scaler=self.s.precision.scaler.state_dict(), rng=ckpt_lib.rng_state())
+        if self.extra_state is not None:
+            data.update(self.extra_state())
+        return data
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def restore_train_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                        schedule: Schedule, precision: Precision, source: str) -> TrainState:
+    """Put weights, optimizer, schedule, scaler and RNG back as they were at the save."""
+    ckpt_lib.load_state_dict_checked(ckpt_lib.unwrap_model(model), ckpt["state_dict"], source)
+    ts = ckpt["train_state"]
+    try:
+        optimizer.load_state_dict(ts["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"optimizer state in {source} does not fit (--optimizer changed?): "
+                        f"{exc}; resume with the original --optimizer") from None
+    schedule.load_state_dict(ts["schedule"])
+    if ts.get("scaler"):
+        precision.scaler.load_state_dict(ts["scaler"])
+    ckpt_lib.set_rng_state(ts["rng"])
+    return TrainState.from_dict(ts)
+
+
+def save_run_config(session: Session) -> None:
+    if session.is_main:
+        write_config(session.args, session.output / "config.json")
