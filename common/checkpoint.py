@@ -36,8 +36,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def library_versions() -> dict[str, str]:
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__}
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": str(np.__version__)}
 
 
 def make_payload(model: nn.Module, *, task: str, model_spec: Mapping[str, Any],

@@ -41,7 +41,7 @@ class Session:
     ctx: DistContext
     device: torch.device
     precision: Precision
-    output: Path
+    output: Path | None
     log: Callable[[str], None]
     num_workers: int
     pin_memory: bool
@@ -51,9 +51,11 @@ class Session:
         return self.ctx.is_main
 
 
-def start_session(args: argparse.Namespace, output: Path, resuming: bool) -> Session:
+def start_session(args: argparse.Namespace, output: Path | None, resuming: bool = False) -> Session:
+    """Device, backends, seeds, precision and logging. output=None: a tool that writes no run
+    folder (validate.py) and logs to the console only."""
     ctx = context_from_env()
-    if ctx.is_main:
+    if ctx.is_main and output is not None:
         if not resuming:
             _archive_previous_run(output)
         output.mkdir(parents=True, exist_ok=True)

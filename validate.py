@@ -1,0 +1,107 @@
+"""Evaluate a saved classifier on a folder of class folders.
+
+    python validate.py --model ./output/best_model.pth --data-dir ./dataset/test
+    python validate.py --model ./output/best_model.pth --data-dir ./dataset/val \
+        --results-file results.json --output-dir ./report
+
+Model, classes and preprocessing come from the checkpoint. Prints loss, top-1 (top-5 with more
+than 5 classes) and per-class precision/recall/F1; writes confusion_matrix.png (beside the
+checkpoint unless --output-dir is given) and, with --results-file, the same numbers as JSON.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from common import checkpoint as ckpt_lib
+from common.cli import add_device_args, new_parser, resolve
+from common.data.images import ImageDataset, check_images, class_folders, eval_transform, scan_class_folders
+from common.data.loaders import make_loader
+from common.engine import evaluate
+from common.errors import UserError, run_cli
+from common.metrics import per_class_scores
+from common.models import model_from_spec
+from common.reporting import plot_confusion_matrix
+from common.session import start_session
+from common.tasks import ClassificationTask
+
+
+def build_parser():
+    parser = new_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, metavar="CHECKPOINT",
+                        help="checkpoint to evaluate (best_model.pth or checkpoint.pth)")
+    parser.add_argument("--data-dir", required=True, help="folder of class folders to evaluate on")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--results-file", metavar="FILE.json", help="also write the results as JSON")
+    parser.add_argument("--output-dir", help="where confusion_matrix.png goes (default: beside the model)")
+    parser.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
+                        help="check every image first (default: fast)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="evaluate without unreadable images instead of stopping")
+    add_device_args(parser)
+    return parser
+
+
+def load_samples(data_dir: Path, classes: Sequence[str], args) -> list[tuple[str, int]]:
+    if data_dir.is_dir():
+        unknown = sorted(set(class_folders(data_dir)) - set(classes))
+        if unknown:
+            raise UserError(f"class folders in {data_dir} unknown to the model: {', '.join(unknown)} "
+                            f"(the model knows: {', '.join(classes)}); remove or rename them")
+    _, samples = scan_class_folders(data_dir, classes)
+    bad = check_images([p for p, _ in samples], args.check_images)
+    if bad and not args.skip_bad_images:
+        raise UserError(f"{len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}; remove them "
+                        "or pass --skip-bad-images")
+    dropped = {p for p, _ in bad}
+    return [s for s in samples if s[0] not in dropped]
+
+
+def report(metrics: dict, scores: dict, classes: Sequence[str], count: int) -> str:
+    lines = [f"images: {count}", f"loss: {metrics['loss']:.4f}", f"top-1 accuracy: {100 * metrics['acc']:.2f}%"]
+    if "top5" in metrics:
+        lines.append(f"top-5 accuracy: {100 * metrics['top5']:.2f}%")
+    width = max(8, *(len(c) for c in classes))
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for i, name in enumerate(classes):
+        lines.append(f"{name:<{width}}  {scores['precision'][i]:9.4f}  {scores['recall'][i]:6.4f}  "
+                     f"{scores['f1'][i]:6.4f}  {scores['support'][i]:7d}")
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args, _ = resolve(build_parser(), argv)
+    ckpt = ckpt_lib.load_checkpoint(args.model, task="classification")
+    classes = list(ckpt["classes"])
+    s = start_session(args, None)
+    samples = load_samples(Path(args.data_dir), classes, args)
+    model = model_from_spec(ckpt["model"])
+    ckpt_lib.load_state_dict_checked(model, ckpt["state_dict"], args.model)
+    model.to(s.device)
+    loader = make_loader(ImageDataset(samples, eval_transform(ckpt["preprocessing"])), args.batch_size,
+                         train=False, num_workers=s.num_workers, pin_memory=s.pin_memory)
+    task = ClassificationTask(len(classes))
+    totals = evaluate(model, task, loader, s.precision, s.device, show_progress=True)
+    metrics = task.summarize(totals)
+    matrix = totals["confusion"].tolist()
+    scores = per_class_scores(totals["confusion"])
+    print(report(metrics, scores, classes, len(samples)))
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png")
+    print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")
+    if args.results_file:
+        result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "images": len(samples),
+                  "metrics": metrics, "classes": classes, "per_class": scores, "confusion_matrix": matrix}
+        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"results: {args.results_file}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
