@@ -59,7 +59,8 @@ def load_samples(data_dir: Path, classes: Sequence[str], args) -> list[tuple[str
 
 
 def report(metrics: dict, scores: dict, classes: Sequence[str], count: int) -> str:
-    lines = [f"images: {count}", f"loss: {metrics['loss']:.4f}", f"top-1 accuracy: {100 * metrics['acc']:.2f}%"]
+    lines = [f"images: {count}", f"loss: {metrics['loss']:.4f}",
+             f"top-1 accuracy: {100 * metrics['acc']:.2f}%"]
     if "top5" in metrics:
         lines.append(f"top-5 accuracy: {100 * metrics['top5']:.2f}%")
     width = max(8, *(len(c) for c in classes))
