@@ -31,7 +31,15 @@ from .engine import StepConfig, TrainState, fit
 from .errors import UserError
 from .models import build_model, list_models, load_weights_file
 from .optim import Schedule, build_optimizer
-from .session import EpochWriter, Session, check_positive, restore_train_state, save_run_config, start_session
+from .session import (
+    EpochWriter,
+    Session,
+    check_positive,
+    open_output,
+    restore_train_state,
+    save_run_config,
+    start_session,
+)
 from .tasks import ClassificationTask
 
 TASK = "classification"
@@ -127,10 +135,8 @@ def _drop_bad_images(train, val, args, s: Session):
     if not args.skip_bad_images:
         raise UserError(f"{len(bad)} unreadable image(s): {listing}. Remove or replace them, or "
                         "pass --skip-bad-images to train without them")
-    if s.is_main:
-        report = s.output / "bad_images.txt"
-        report.write_text("".join(f"{p}\t{why}\n" for p, why in bad), encoding="utf-8")
-        s.log(f"skipping {len(bad)} unreadable image(s), listed in {report}")
+    s.bad_images = bad
+    s.log(f"skipping {len(bad)} unreadable image(s); they are listed in bad_images.txt")
     dropped = {p for p, _ in bad}
     train = [x for x in train if x[0] not in dropped]
     val = [x for x in val if x[0] not in dropped]
@@ -181,7 +187,7 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
             print(f"{source} ({len(names)}): {' '.join(names)}")
         return 0
     check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval")
-    s = start_session(args, Path(args.output), resuming=ckpt is not None)
+    s = start_session(args, Path(args.output))
     data = build_data(args, s)
     s.log(f"data: {data.description}")
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
@@ -205,6 +211,7 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
     s.log(f"batch {args.batch_size} x accumulation {args.accumulate_grad_batches} = "
           f"{args.batch_size * args.accumulate_grad_batches} images per optimizer step; "
           f"{args.epochs} epochs; output in {s.output}")
+    open_output(s, resuming=ckpt is not None)
     save_run_config(s)
     task = ClassificationTask(len(data.classes), args.label_smoothing)
     meta = {"classes": data.classes, "preprocessing": data.preprocessing}

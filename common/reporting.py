@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Sequence
@@ -17,22 +18,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 LOGGER_NAME = "toolkit"
 
 
-def setup_logging(output_dir: Path | None, enabled: bool = True) -> logging.Logger:
-    """Console (stdout) and, when output_dir is given, training.log (appended on resume)."""
+def setup_logging(enabled: bool = True) -> logging.Logger:
+    """Console logging (stdout); lines are also kept until attach_log_file() writes them to
+    training.log, so a run that fails on bad input leaves the output folder untouched."""
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logging()
     logger.setLevel(logging.INFO if enabled else logging.ERROR)
     logger.propagate = False
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
-    if output_dir is not None and enabled:
-        file = logging.FileHandler(output_dir / "training.log", encoding="utf-8")
-        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(file)
+    logger.addHandler(logging.handlers.BufferingHandler(capacity=10_000))
     return logger
+
+
+def attach_log_file(output_dir: Path) -> None:
+    """Start training.log (appended on resume) with the lines logged so far."""
+    logger = logging.getLogger(LOGGER_NAME)
+    file = logging.FileHandler(output_dir / "training.log", encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.handlers.BufferingHandler):
+            for record in handler.buffer:
+                file.handle(record)
+            logger.removeHandler(handler)
+            handler.close()
+    logger.addHandler(file)
 
 
 def close_logging() -> None:

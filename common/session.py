@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,15 @@ from .engine import TrainState
 from .errors import UserError
 from .optim import Schedule
 from .precision import Precision, make_precision
-from .reporting import TensorBoard, format_epoch, plot_curves, setup_logging, write_metrics_csv
+from .reporting import (
+    LOGGER_NAME,
+    TensorBoard,
+    attach_log_file,
+    format_epoch,
+    plot_curves,
+    setup_logging,
+    write_metrics_csv,
+)
 
 RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
              "training.log", "tensorboard", "bad_images.txt")
@@ -45,21 +54,18 @@ class Session:
     log: Callable[[str], None]
     num_workers: int
     pin_memory: bool
+    bad_images: list[tuple[str, str]] = field(default_factory=list)  # skipped (path, reason)
 
     @property
     def is_main(self) -> bool:
         return self.ctx.is_main
 
 
-def start_session(args: argparse.Namespace, output: Path | None, resuming: bool = False) -> Session:
-    """Device, backends, seeds, precision and logging. output=None: a tool that writes no run
-    folder (validate.py) and logs to the console only."""
+def start_session(args: argparse.Namespace, output: Path | None = None) -> Session:
+    """Device, backends, seeds, precision and console logging. Nothing is written to `output`
+    until open_output(), once the inputs have been checked."""
     ctx = context_from_env()
-    if ctx.is_main and output is not None:
-        if not resuming:
-            _archive_previous_run(output)
-        output.mkdir(parents=True, exist_ok=True)
-    logger = setup_logging(output if ctx.is_main else None, enabled=ctx.is_main)
+    logger = setup_logging(enabled=ctx.is_main)
     log = logger.info
     device = select_device(args.device, args.gpu_id, args.no_gpu,
                            local_rank=ctx.local_rank if ctx.enabled else None, log=log)
@@ -76,6 +82,20 @@ def start_session(args: argparse.Namespace, output: Path | None, resuming: bool 
                    resolve_pin_memory(args.pin_memory, device))
 
 
+def open_output(s: Session, resuming: bool) -> None:
+    """Create the output folder (moving an earlier run aside unless resuming) and start
+    training.log. Called once data and model are known to be good."""
+    if s.is_main and s.output is not None:
+        if not resuming:
+            _archive_previous_run(s.output)
+        s.output.mkdir(parents=True, exist_ok=True)
+        attach_log_file(s.output)
+        if s.bad_images:
+            report = s.output / "bad_images.txt"
+            report.write_text("".join(f"{p}\t{why}\n" for p, why in s.bad_images), encoding="utf-8")
+    barrier()
+
+
 def _archive_previous_run(output: Path) -> None:
     """A new run in a folder that holds an earlier run moves that run aside, never over it."""
     present = [name for name in RUN_FILES if (output / name).exists()]
@@ -86,7 +106,7 @@ def _archive_previous_run(output: Path) -> None:
     archive.mkdir(parents=True, exist_ok=True)
     for name in present:
         shutil.move(str(output / name), str(archive / name))
-    print(f"notice: {output} held an earlier run; moved its files to {archive}")
+    logging.getLogger(LOGGER_NAME).info(f"notice: {output} held an earlier run; moved its files to {archive}")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
