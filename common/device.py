@@ -68,7 +68,7 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     """TF32 on Ampere and newer, cudnn.benchmark unless deterministic results are asked for."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic

@@ -185,3 +185,65 @@ def test_guide_model_names_build(name):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, size, size)).shape == (1, 2)
     assert spec["kwargs"]["num_classes"] == 2
+
+
+def test_weights_from_a_local_file(dataset, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert train(dataset, first, "--epochs", "1") == 0
+    capsys.readouterr()
+    second = tmp_path / "second"
+    assert train(dataset, second, "--epochs", "1", "--weights", str(first / "best_model.pth"),
+                 "--lr", "1e-9", "--warmup-epochs", "0", "--scheduler", "none") == 0
+    assert "weights: loaded" in capsys.readouterr().out
+    a = load_checkpoint(first / "best_model.pth")["state_dict"]
+    b = load_checkpoint(second / "checkpoint.pth")["state_dict"]
+    conv = "features.0.0.weight"
+    assert torch.allclose(a[conv], b[conv], atol=1e-6)  # started from those weights, lr ~ 0
+
+
+def test_pretrained_offline_is_a_clear_error(dataset, tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.models, "get_model",
+                        lambda name, weights=None, **kw: offline() if weights else None)
+    capsys.readouterr()
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(tmp_path / "o"), "--model",
+                           "resnet18", "--pretrained", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not get pretrained weights for resnet18") and "--weights" in err
+
+
+def test_worker_processes_with_spawn_as_on_windows(dataset, tmp_path, monkeypatch):
+    """Windows starts DataLoader workers with spawn: the dataset and transforms must pickle."""
+    from common.data import loaders
+
+    monkeypatch.setattr(loaders, "WORKER_START_METHOD", "spawn")
+    out = tmp_path / "o"
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(out), *FAST[:-6],
+                           "--num-workers", "1", "--epochs", "1"]) == 0
+    assert read_rows(out / "metrics.csv")[0]["epoch"] == "1"
+
+
+def test_compiled_model_is_saved_unwrapped(dataset, tmp_path, monkeypatch):
+    """--compile trains the compiled wrapper but saves the plain model (no _orig_mod. prefix).
+    torch.compile itself takes minutes on a CPU, so a wrapper of the same shape stands in."""
+    calls = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            calls.append(1)
+            return self._orig_mod(x)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    out = tmp_path / "o"
+    assert train(dataset, out, "--epochs", "1", "--compile") == 0
+    assert calls  # the compiled module did the training
+    keys = load_checkpoint(out / "best_model.pth")["state_dict"].keys()
+    assert keys and not any(k.startswith(("_orig_mod", "module.")) for k in keys)

@@ -9,6 +9,10 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+# Windows has no fork: workers start with spawn and re-import everything (kept explicit here
+# so the tests can run the same path on Linux).
+WORKER_START_METHOD = "spawn" if sys.platform == "win32" else None
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A random order that depends only on (seed, epoch)."""
@@ -36,7 +40,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     extra = {}
     if num_workers > 0:
         extra = {"persistent_workers": True, "prefetch_factor": 4}
-        if sys.platform == "win32":
-            extra["multiprocessing_context"] = "spawn"
+        if WORKER_START_METHOD:
+            extra["multiprocessing_context"] = WORKER_START_METHOD
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last, **extra)
