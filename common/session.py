@@ -89,6 +89,8 @@ def open_output(s: Session, resuming: bool) -> None:
         if not resuming:
             _archive_previous_run(s.output)
         s.output.mkdir(parents=True, exist_ok=True)
+        for stale in s.output.glob(".*.pth.*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
         attach_log_file(s.output)
         if s.bad_images:
             report = s.output / "bad_images.txt"
