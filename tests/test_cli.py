@@ -179,3 +179,36 @@ def test_written_config_can_be_read_back_as_config(tmp_path):
     reusable = write_json(tmp_path / "reuse.json", cli.inheritable(data, make_parser()))
     again, _ = cli.resolve(make_parser(), ["--config", str(reusable)])
     assert (again.lr, again.epochs, again.optimizer) == (0.3, 2, "sgd")
+
+
+@pytest.mark.parametrize("text, expected", [("False", False), ("true", True)])
+def test_config_switch_written_as_a_string(tmp_path, text, expected):
+    """{"amp": "false"} must turn AMP off: the guides write True/False, and a non-empty
+    string would otherwise switch it on."""
+    config = write_json(tmp_path / "c.json", {"amp": text, "no_gpu": text})
+    args, _ = cli.resolve(make_parser(), ["--config", str(config)])
+    assert args.amp is expected
+    assert args.no_gpu is expected
+
+
+def test_config_switch_with_a_json_bool(tmp_path):
+    config = write_json(tmp_path / "c.json", {"amp": True, "deterministic": False})
+    args, _ = cli.resolve(make_parser(), ["--config", str(config)])
+    assert args.amp is True and args.deterministic is False
+
+
+@pytest.mark.parametrize("key, value", [("epochs", 2.5), ("batch_size", True), ("amp", "maybe")])
+def test_config_value_of_the_wrong_type_is_a_user_error(tmp_path, key, value):
+    config = write_json(tmp_path / "c.json", {key: value})
+    with pytest.raises(UserError) as info:
+        cli.resolve(make_parser(), ["--config", str(config)])
+    assert repr(key) in str(info.value) and str(config) in str(info.value)
+
+
+def test_config_numbers_that_fit(tmp_path):
+    config = write_json(tmp_path / "c.json", {"lr": 1, "epochs": 4, "gpu_id": None,
+                                              "clip_grad": 2})
+    args, _ = cli.resolve(make_parser(), ["--config", str(config)])
+    assert args.lr == 1.0
+    assert args.epochs == 4 and args.gpu_id is None
+    assert args.clip_grad == 2.0

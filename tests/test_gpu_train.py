@@ -270,6 +270,7 @@ def test_killed_process_leaves_a_checkpoint_that_resumes(dataset, tmp_path):
         proc.wait()
     saved = load_checkpoint(out / "checkpoint.pth")["train_state"]["epoch"]
     assert 1 <= saved < 30
+    (out / ".checkpoint.pth.stale.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves
     assert gpu_train.main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved + 2),
                            "--num-workers", "0"]) == 0
     rows = read_rows(out / "metrics.csv")
