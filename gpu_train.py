@@ -1,6 +1,6 @@
-"""Train an image classifier on a folder of images (one GPU, a CPU, or under torchrun).
+"""Train an image classifier on a folder of images (one GPU, or a CPU).
 
-    python gpu_train.py --demo                      # built-in two-class set, a minute on a CPU
+    python gpu_train.py --demo                      # built-in two-class set, about a minute on a CPU
     python gpu_train.py --data-dir ./dataset --model efficientnet_b0 --num-classes 2 \
         --batch-size 32 --epochs 50 --lr 0.001 --img-size 224 --output ./output --amp \
         --label-smoothing 0.1

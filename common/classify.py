@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt_lib
-from .cli import add_device_args, add_training_args, inheritable, resolve
+from .cli import add_device_args, add_runtime_args, add_training_args, inheritable, resolve
 from .data.builtin import TORCHVISION_SETS, make_demo_dataset, torchvision_classes, torchvision_dataset
 from .data.images import (
     IMAGENET_MEAN,
@@ -81,6 +81,7 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
                    help="images per class of the --demo set (default: 200)")
     add_training_args(parser, batch_size=32, epochs=50, lr=1e-3)
     add_device_args(parser)
+    add_runtime_args(parser)
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
@@ -196,7 +197,7 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
     optimizer = build_optimizer(plain.parameters(), args.optimizer, args.lr, args.weight_decay,
-                                args.momentum, args.amsgrad)
+                                args.momentum, args.amsgrad, fused=s.device.type == "cuda")
     steps = math.ceil(len(data.train_loader) / args.accumulate_grad_batches)
     schedule = Schedule(optimizer, args.scheduler, epochs=args.epochs, steps_per_epoch=steps,
                         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
@@ -216,7 +217,9 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
     task = ClassificationTask(len(data.classes), args.label_smoothing)
     meta = {"classes": data.classes, "preprocessing": data.preprocessing}
     writer = EpochWriter(s, plain, task=TASK, model_spec=spec, meta=meta, optimizer=optimizer,
-                         schedule=schedule, epochs=args.epochs)
+                         schedule=schedule, epochs=args.epochs,
+                         extra_state=lambda: {"micro_batch": args.batch_size,
+                                              "accumulate": args.accumulate_grad_batches})
     step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
                           channels_last=channels_last,
                           log_interval=args.log_interval, show_progress=s.is_main)

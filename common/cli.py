@@ -16,8 +16,10 @@ from .errors import UserError
 
 _UNSET = object()
 
-# Keys that describe one invocation, not the run: never inherited from --config or a checkpoint.
+# Keys that describe one invocation, not the run: never inherited from a checkpoint.
 PER_INVOCATION = frozenset({"config", "resume", "list_models", "demo"})
+# Keys a --config file may not set (and config.json leaves out, so it can be passed back).
+NOT_IN_CONFIG = PER_INVOCATION - {"demo"}
 # Keys tied to the machine; a resumed run takes them from the new command line or defaults.
 MACHINE_KEYS = frozenset({"device", "gpu_id", "no_gpu", "num_workers", "pin_memory",
                           "gpu_memory_fraction"})
@@ -48,7 +50,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--gpu-id", type=int, default=None, help="index of the GPU to use")
-    g.add_argument("--no-gpu", action="store_true", help="train on the CPU even if a GPU is present")
+    g.add_argument("--no-gpu", action="store_true", help="run on the CPU even if a GPU is present")
     g.add_argument("--amp", action="store_true",
                    help="mixed precision: float16 + GradScaler on CUDA (bfloat16 with --amp-dtype)")
     g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
@@ -59,6 +61,11 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                    help="pin host memory for faster copies: auto (on with CUDA), true or false")
     g.add_argument("--gpu-memory-fraction", type=float, default=None,
                    help="cap this process's share of GPU memory (0-1], CUDA only")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Training-only speed and reproducibility switches."""
+    g = parser.add_argument_group("speed and reproducibility")
     g.add_argument("--channels-last", type=tristate, nargs="?", const=True, default="auto",
                    help="channels_last memory format: auto (on for CUDA), true or false")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -138,15 +145,11 @@ def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,
     values: dict[str, Any] = {}
     for key, value in raw.items():
         dest = key.lstrip("-").replace("-", "_")
-        if dest not in actions or dest in PER_INVOCATION - {"demo"}:
-            valid = ", ".join(sorted(d for d in actions if d not in PER_INVOCATION))
+        if dest not in actions or dest in NOT_IN_CONFIG:
+            valid = ", ".join(sorted(d for d in actions if d not in NOT_IN_CONFIG))
             raise UserError(f"{source}: unknown key {key!r}; valid keys: {valid}")
         action = actions[dest]
-        if isinstance(value, str) and action.type is not None and value is not None:
-            try:
-                value = action.type(value)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise UserError(f"{source}: bad value for {key!r}: {exc}") from None
+        value = _typed(action, value, f"{source}: {key!r}")
         if action.choices is not None and value is not None and value not in action.choices:
             raise UserError(f"{source}: {key!r} must be one of {', '.join(map(str, action.choices))}")
         values[dest] = value
@@ -169,6 +172,31 @@ def resolve(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     return argparse.Namespace(**values), set(given)
 
 
+def _typed(action: argparse.Action, value: Any, where: str) -> Any:
+    """A JSON value checked and converted as the flag's own parser would."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false (JSON), got {value!r}")
+        return value
+    kind = action.type
+    try:
+        if isinstance(value, str):
+            return kind(value) if kind is not None else value
+        if kind is int and (isinstance(value, bool) or not float(value).is_integer()):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if kind in (int, float) and isinstance(value, int | float) and not isinstance(value, bool):
+            return kind(value)
+        if kind is tristate and isinstance(value, bool):
+            return value
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise UserError(f"{where}: bad value ({exc})") from None
+    if kind is None and isinstance(value, str):
+        return value
+    raise UserError(f"{where}: bad value {value!r} ({type(value).__name__})")
+
+
 def inheritable(config: Mapping[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The part of a saved config that a resumed run takes over (known keys only)."""
     actions = _dest_map(parser)
@@ -177,7 +205,8 @@ def inheritable(config: Mapping[str, Any], parser: argparse.ArgumentParser) -> d
 
 
 def write_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
-    payload = {k: v for k, v in sorted(vars(args).items()) if _is_plain(v)}
+    """config.json: the resolved settings, usable again as --config."""
+    payload = {k: v for k, v in sorted(vars(args).items()) if _is_plain(v) and k not in NOT_IN_CONFIG}
     Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 

@@ -90,28 +90,27 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
     totals = task.new_totals(device, train=True)
     n_batches = len(loader)  # type: ignore[arg-type]
     accumulate = max(cfg.accumulate, 1)
-    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not cfg.show_progress,
-               dynamic_ncols=True, mininterval=0.5)
     samples, started = 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(loader):
-        group_start = (i // accumulate) * accumulate
-        group_size = min(accumulate, n_batches - group_start)
-        inputs, targets = _to_device(batch, device, cfg.channels_last)
-        with precision.autocast():
-            outputs = model(inputs)
-            loss = task.loss(outputs, targets, train=True)
-        precision.scaler.scale(loss / group_size).backward()
-        task.accumulate(totals, outputs.detach(), targets, loss.detach())
-        samples += targets.shape[0]
-        if i == group_start + group_size - 1:
-            _optimizer_step(model, optimizer, precision, cfg.clip_grad)
-            schedule.step()
-            state.step += 1
-        bar.update(1)
-        if cfg.show_progress and (i + 1) % cfg.log_interval == 0:
-            bar.set_postfix(_postfix(task, totals, schedule.lr, samples, started), refresh=False)
-    bar.close()
+    with tqdm(total=n_batches, desc=desc, leave=False, disable=not cfg.show_progress,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        for i, batch in enumerate(loader):
+            group_start = (i // accumulate) * accumulate
+            group_size = min(accumulate, n_batches - group_start)
+            inputs, targets = _to_device(batch, device, cfg.channels_last)
+            with precision.autocast():
+                outputs = model(inputs)
+                loss = task.loss(outputs, targets, train=True)
+            precision.scaler.scale(loss / group_size).backward()
+            task.accumulate(totals, outputs.detach(), targets, loss.detach())
+            samples += targets.shape[0]
+            if i == group_start + group_size - 1:
+                _optimizer_step(model, optimizer, precision, cfg.clip_grad)
+                schedule.step()
+                state.step += 1
+            bar.update(1)
+            if cfg.show_progress and (i + 1) % cfg.log_interval == 0:
+                bar.set_postfix(_postfix(task, totals, schedule.lr, samples, started), refresh=False)
     elapsed = time.perf_counter() - started
     metrics = task.summarize(_reduced(totals))
     metrics["samples_per_s"] = samples / max(elapsed, 1e-9)

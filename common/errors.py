@@ -13,6 +13,16 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+_WORKER_PREFIX = f"{__name__}.UserError: "
+
+
+def user_message(exc: UserError) -> str:
+    """The message on one line. A UserError raised in a DataLoader worker comes back wrapped
+    with the worker's traceback ("Caught UserError in DataLoader worker ..."); keep its last line."""
+    text = str(exc)
+    if text.startswith("Caught UserError") and _WORKER_PREFIX in text:
+        text = text.rsplit(_WORKER_PREFIX, 1)[1]
+    return " ".join(text.split())
 EXIT_INTERRUPTED = 130
 
 
@@ -21,8 +31,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return main(argv)
     except UserError as exc:
-        message = " ".join(str(exc).split("\n"))
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: the last saved checkpoint is intact; resume with --resume", file=sys.stderr)

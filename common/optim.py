@@ -17,18 +17,21 @@ from .errors import UserError
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
-                    weight_decay: float, momentum: float = 0.9, amsgrad: bool = False
-                    ) -> torch.optim.Optimizer:
+                    weight_decay: float, momentum: float = 0.9, amsgrad: bool = False,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """fused=True (used on CUDA) runs one kernel per step and lets GradScaler skip inf steps on
+    the device; the unfused step would read the inf flag on the host after every step."""
     if lr <= 0:
         raise UserError(f"--lr must be positive, got {lr}")
     params = [p for p in params if p.requires_grad]
+    extra = {"fused": True} if fused else {}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, **extra)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, **extra)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=momentum > 0)
+                               nesterov=momentum > 0, **extra)
     raise UserError(f"unknown --optimizer {name!r}; use adamw, sgd or adam")
 
 

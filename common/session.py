@@ -41,7 +41,7 @@ from .reporting import (
 )
 
 RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
-             "training.log", "tensorboard", "bad_images.txt")
+             "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png")
 
 
 @dataclass
@@ -69,9 +69,9 @@ def start_session(args: argparse.Namespace, output: Path | None = None) -> Sessi
     log = logger.info
     device = select_device(args.device, args.gpu_id, args.no_gpu,
                            local_rank=ctx.local_rank if ctx.enabled else None, log=log)
-    configure_backends(device, args.deterministic)
+    configure_backends(device, getattr(args, "deterministic", False))
     set_memory_fraction(args.gpu_memory_fraction, device, log)
-    seed_everything(args.seed + ctx.rank)
+    seed_everything(getattr(args, "seed", 0) + ctx.rank)
     precision = make_precision(device, args.amp, args.amp_dtype, log)
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     if workers < 0:

@@ -25,7 +25,10 @@ def run_train(capsys, *argv: str) -> str:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    """The lines of stderr as a terminal shows them (a progress bar redrawn with \r and cleared
+    at the end is not a line of its own)."""
+    lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
@@ -197,3 +200,32 @@ def test_unknown_model(dataset, tmp_path, capsys):
                            "0", "--model", "efficientnet_b9", "--epochs", "1"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "efficientnet_b9" in line and "--list-models" in line
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_bad_image_with_checks_off_is_still_one_clear_line(dataset, tmp_path, capsys, workers):
+    """--check-images off skips the upfront check; a bad file met while training (in the main
+    process or in a DataLoader worker) still ends with one line naming it."""
+    bad = dataset / "train" / "top" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    line = run_train(capsys, "--data-dir", str(dataset), "--output", str(tmp_path / "o"),
+                     "--check-images", "off", "--num-workers", workers)
+    assert str(bad) in line and "--skip-bad-images" in line
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"amp": "false"}', ["'amp'", "true or false"]),
+    ('{"epochs": 1.5}', ["'epochs'", "whole number"]),
+    ('{"lr": [0.1]}', ["'lr'", "bad value"]),
+    ('{"optimizer": "lion"}', ["'optimizer'", "adamw"]),
+    ('[1, 2]', ["JSON object"]),
+    ('{"epochs": 2,}', ["not valid JSON"]),
+])
+def test_config_values_are_checked_like_flags(tmp_path, capsys, content, words):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(content)
+    line = run_train(capsys, "--config", str(cfg), "--output", str(tmp_path / "o"))
+    assert str(cfg) in line
+    for word in words:
+        assert word in line
+    assert not (tmp_path / "o").exists()

@@ -276,3 +276,14 @@ def test_killed_process_leaves_a_checkpoint_that_resumes(dataset, tmp_path):
     rows = read_rows(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, saved + 3))
     assert not list(out.glob(".*.tmp"))  # a temp file left by the kill is cleaned up on resume
+
+
+def test_config_json_of_a_run_can_be_passed_back(dataset, tmp_path):
+    first = tmp_path / "first"
+    assert train(dataset, first, "--epochs", "1", "--label-smoothing", "0.15") == 0
+    second = tmp_path / "second"
+    assert gpu_train.main(["--config", str(first / "config.json"), "--output", str(second)]) == 0
+    a = json.loads((first / "config.json").read_text())
+    b = json.loads((second / "config.json").read_text())
+    assert {k: v for k, v in a.items() if k != "output"} == {k: v for k, v in b.items() if k != "output"}
+    assert "resume" not in a and "config" not in a

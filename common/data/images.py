@@ -188,7 +188,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+        try:
+            image = load_rgb(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise UserError(f"image {path} cannot be decoded ({' '.join(str(exc).split())}); remove "
+                            "it, or check all images first with --check-images fast and "
+                            "--skip-bad-images") from None
+        return self.transform(image), label
 
 
 class ToRGB:

@@ -46,7 +46,7 @@ def find_source(name: str) -> str:
         return "torchvision"
     if name in _timm_names():
         return "timm"
-    known = [n for names in list_models().values() for n in names]
+    known = sorted({n for names in list_models().values() for n in names})
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown model {name!r}.{hint} See the list with --list-models")
