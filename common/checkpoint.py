@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import random
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch import nn
 from .errors import UserError
 
 FORMAT = "gpu-toolkit-checkpoint"
+# torch.save writes a zip archive (or, with the legacy format, a pickle that starts with PROTO)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 VERSION = 1
 
 
@@ -104,15 +107,21 @@ def load_raw(path: str | os.PathLike, *, trust: bool = False) -> Any:
     if file.stat().st_size == 0:
         raise UserError(f"checkpoint {file} is empty (0 bytes); it was not written completely. "
                         "Use another checkpoint, e.g. best_model.pth")
+    with open(file, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        raise UserError(f"checkpoint {file} is not a PyTorch file (it starts with {head!r}); "
+                        "use another copy, e.g. best_model.pth")
     try:
         return torch.load(file, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
+        if "Unsupported global" in str(exc):  # the safe loader met code to import and run
             raise UserError(f"checkpoint {file} holds pickled Python objects that could run code "
                             "when loaded; if you trust its source, pass --trust-checkpoint") from None
         raise UserError(f"checkpoint {file} is corrupt or not a PyTorch file ({_short(exc)}); "
                         "use another copy") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError,
+            TypeError, struct.error) as exc:  # what unpickling garbage raises
         raise UserError(f"checkpoint {file} is truncated or not a PyTorch checkpoint "
                         f"({_short(exc)}); use another copy, e.g. best_model.pth") from None
 

@@ -14,6 +14,7 @@ from common.errors import UserError
 def make_parser() -> argparse.ArgumentParser:
     parser = cli.new_parser("test")
     cli.add_device_args(parser)
+    cli.add_runtime_args(parser)
     cli.add_training_args(parser, batch_size=32, epochs=10, lr=0.001)
     parser.add_argument("--demo", action="store_true")
     return parser
@@ -168,27 +169,30 @@ def test_write_config_writes_plain_json(tmp_path):
     assert data["batch_size"] == 32
     assert data["a_list"] == [1, "two", 3.0]
     assert "not_plain" not in data
+    assert "config" not in data and "resume" not in data  # per-invocation keys stay out
     assert list(data) == sorted(data)
 
 
-def test_written_config_can_be_read_back_as_config(tmp_path):
-    args, _ = cli.resolve(make_parser(), ["--lr", "0.3", "--epochs", "2", "--optimizer", "sgd"])
+def test_written_config_can_be_passed_back_as_config(tmp_path):
+    parser = make_parser()
+    args, _ = cli.resolve(parser, ["--lr", "0.3", "--epochs", "2", "--optimizer", "sgd", "--amp",
+                                   "--pin-memory", "--gpu-id", "1", "--clip-grad", "1"])
     path = tmp_path / "config.json"
     cli.write_config(args, path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    reusable = write_json(tmp_path / "reuse.json", cli.inheritable(data, make_parser()))
-    again, _ = cli.resolve(make_parser(), ["--config", str(reusable)])
-    assert (again.lr, again.epochs, again.optimizer) == (0.3, 2, "sgd")
+    again, given = cli.resolve(make_parser(), ["--config", str(path)])
+    assert given == {"config"}
+    expected = {k: v for k, v in vars(args).items() if k != "config"}
+    assert {k: v for k, v in vars(again).items() if k != "config"} == expected
 
 
-@pytest.mark.parametrize("text, expected", [("False", False), ("true", True)])
-def test_config_switch_written_as_a_string(tmp_path, text, expected):
-    """{"amp": "false"} must turn AMP off: the guides write True/False, and a non-empty
-    string would otherwise switch it on."""
-    config = write_json(tmp_path / "c.json", {"amp": text, "no_gpu": text})
-    args, _ = cli.resolve(make_parser(), ["--config", str(config)])
-    assert args.amp is expected
-    assert args.no_gpu is expected
+@pytest.mark.parametrize("text", ["false", "False", "true"])
+def test_config_switch_written_as_a_string_is_never_silently_true(tmp_path, text):
+    """{"amp": "false"} must not turn AMP on (a non-empty string is truthy): it is refused
+    with a message that asks for a JSON true/false."""
+    config = write_json(tmp_path / "c.json", {"amp": text})
+    with pytest.raises(UserError) as info:
+        cli.resolve(make_parser(), ["--config", str(config)])
+    assert "'amp'" in str(info.value) and "true or false" in str(info.value)
 
 
 def test_config_switch_with_a_json_bool(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def make_demo_dataset(root: Path, images_per_class: int = 200, size: int = 64,
     elif root.exists() and any(root.iterdir()):
         raise UserError(f"{root} already holds files that are not the demo set; pass another "
                         "--data-dir for --demo, or remove the folder")
+    for split in ("train", "val"):  # a demo set of another size: start afresh (the marker
+        for kind in DEMO_CLASSES:   # proves these folders are ours)
+            shutil.rmtree(root / split / kind, ignore_errors=True)
     rng = random.Random(seed)
     n_val = max(1, round(images_per_class * val_fraction))
     for kind in DEMO_CLASSES:
