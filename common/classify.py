@@ -27,6 +27,7 @@ from .data.images import (
 )
 from .data.loaders import make_loader
 from .device import resolve_channels_last
+from .distributed import barrier, convert_sync_batchnorm, destroy_process_group, restart_count, wrap_ddp
 from .engine import StepConfig, TrainState, fit
 from .errors import UserError
 from .models import build_model, list_models, load_weights_file
@@ -82,6 +83,21 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     add_training_args(parser, batch_size=32, epochs=50, lr=1e-3)
     add_device_args(parser)
     add_runtime_args(parser)
+    add_distributed_args(parser)
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Settings that matter under torchrun (harmless in a single process)."""
+    g = parser.add_argument_group("distributed (under torchrun)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="batch-norm statistics over all processes (SyncBatchNorm)")
+    g.add_argument("--lr-scale", choices=["none", "linear"], default="none",
+                   help="linear: multiply --lr by global batch / --base-batch-size (default: none)")
+    g.add_argument("--base-batch-size", type=int, default=None,
+                   help="batch size --lr was tuned for (default: --batch-size x accumulation, "
+                        "so --lr-scale linear scales by the number of processes)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a process waits for the others before the job fails (1800)")
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
@@ -93,6 +109,10 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
     if first.dataset in TORCHVISION_SETS:
         layers.append({"img_size": TORCHVISION_SETS[first.dataset][3]})
     ckpt = None
+    auto = Path(first.output) / "checkpoint.pth"
+    if not first.resume and restart_count() > 0 and auto.is_file():
+        first.resume = str(auto)  # torchrun restarted the job (--max-restarts): continue it
+        argv = [*(argv or []), "--resume", str(auto)]
     if first.resume:
         ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
         layers.append(inheritable(ckpt.get("config", {}), parser))
@@ -150,7 +170,9 @@ def build_data(args: argparse.Namespace, s: Session) -> ClassificationData:
     if args.img_size < 8:
         raise UserError(f"--img-size must be at least 8, got {args.img_size}")
     if args.demo:
-        make_demo_dataset(Path(args.data_dir), images_per_class=args.demo_images)
+        if s.is_main:
+            make_demo_dataset(Path(args.data_dir), images_per_class=args.demo_images)
+        barrier()
     builder = _torchvision_data if args.dataset in TORCHVISION_SETS else _folder_data
     classes, train, val, pre, description = builder(args, s)
     if args.num_classes is not None and args.num_classes != len(classes):
@@ -159,7 +181,8 @@ def build_data(args: argparse.Namespace, s: Session) -> ClassificationData:
     if len(classes) < 2:
         raise UserError(f"{args.data_dir} has only one class ({classes[0]}); classification needs "
                         "at least two class folders")
-    loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory}
+    loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
+                   "rank": s.ctx.rank, "world_size": s.ctx.world_size}
     return ClassificationData(
         classes=classes,
         train_loader=make_loader(train, args.batch_size, train=True, seed=args.seed, **loader_args),
@@ -174,12 +197,27 @@ def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
     model, spec = build_model(args.model, num_classes, pretrained=args.pretrained)
     if args.weights:
         load_weights_file(model, args.weights, s.log)
+    if args.sync_bn and s.ctx.enabled:
+        model = convert_sync_batchnorm(model, s.device)
     model.to(s.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     s.log(f"model: {args.model} ({spec['source']}), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    return (torch.compile(model) if args.compile else model), model, spec
+    trained = wrap_ddp(model, s.device) if s.ctx.enabled else model
+    return (torch.compile(trained) if args.compile else trained), model, spec
+
+
+def scaled_lr(args: argparse.Namespace, s: Session) -> float:
+    """--lr-scale linear: the linear scaling rule against --base-batch-size."""
+    per_step = args.batch_size * args.accumulate_grad_batches
+    global_batch = per_step * s.ctx.world_size
+    if args.lr_scale != "linear":
+        return args.lr
+    base = args.base_batch_size or per_step
+    lr = args.lr * global_batch / base
+    s.log(f"lr scaled linearly: {args.lr:g} x {global_batch}/{base} = {lr:g}")
+    return lr
 
 
 def train(args: argparse.Namespace, ckpt: dict | None) -> int:
@@ -189,6 +227,13 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
         return 0
     check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval")
     s = start_session(args, Path(args.output))
+    try:
+        return _train(args, ckpt, s)
+    finally:
+        destroy_process_group()
+
+
+def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
     data = build_data(args, s)
     s.log(f"data: {data.description}")
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
@@ -196,40 +241,49 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
                         f"{args.data_dir} ({', '.join(data.classes)}); resume on the same data")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
-    optimizer = build_optimizer(plain.parameters(), args.optimizer, args.lr, args.weight_decay,
-                                args.momentum, args.amsgrad, fused=s.device.type == "cuda")
+    optimizer = build_optimizer(plain.parameters(), args.optimizer, scaled_lr(args, s),
+                                args.weight_decay, args.momentum, args.amsgrad,
+                                fused=s.device.type == "cuda")
     steps = math.ceil(len(data.train_loader) / args.accumulate_grad_batches)
     schedule = Schedule(optimizer, args.scheduler, epochs=args.epochs, steps_per_epoch=steps,
                         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                         step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
-    state = TrainState()
-    if ckpt is not None:
-        state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
-        if args.epochs <= state.epoch:
-            raise UserError(f"{args.resume} has already trained {state.epoch} epochs; pass "
-                            f"--epochs above {state.epoch} to train further")
-        s.log(f"resumed from {args.resume} at epoch {state.epoch} (step {state.step})")
-    s.log(f"batch {args.batch_size} x accumulation {args.accumulate_grad_batches} = "
-          f"{args.batch_size * args.accumulate_grad_batches} images per optimizer step; "
-          f"{args.epochs} epochs; output in {s.output}")
+    state = _resume(args, ckpt, s, plain, optimizer, schedule)
     open_output(s, resuming=ckpt is not None)
     save_run_config(s)
     task = ClassificationTask(len(data.classes), args.label_smoothing)
-    meta = {"classes": data.classes, "preprocessing": data.preprocessing}
-    writer = EpochWriter(s, plain, task=TASK, model_spec=spec, meta=meta, optimizer=optimizer,
+    writer = EpochWriter(s, plain, task=TASK, model_spec=spec, optimizer=optimizer,
+                         meta={"classes": data.classes, "preprocessing": data.preprocessing},
                          schedule=schedule, epochs=args.epochs,
                          extra_state=lambda: {"micro_batch": args.batch_size,
                                               "accumulate": args.accumulate_grad_batches})
     step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
-                          channels_last=channels_last,
-                          log_interval=args.log_interval, show_progress=s.is_main)
+                          channels_last=channels_last, log_interval=args.log_interval,
+                          show_progress=s.is_main)
     try:
         fit(model, task, data.train_loader, data.val_loader, optimizer, schedule, s.precision,
             s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
-            min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log)
+            min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log,
+            eval_model=plain)
     finally:
         writer.close()
     if state.best_metric is not None:
         s.log(f"done: best val accuracy {100 * state.best_metric:.2f}% at epoch {state.best_epoch}; "
               f"best model {s.output / 'best_model.pth'}, resume state {s.output / 'checkpoint.pth'}")
     return 0
+
+
+def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
+    world = s.ctx.world_size
+    per_step = args.batch_size * args.accumulate_grad_batches
+    s.log(f"batch {args.batch_size} per process x {world} process(es) x accumulation "
+          f"{args.accumulate_grad_batches} = global batch {per_step * world}; "
+          f"{args.epochs} epochs; output in {s.output}")
+    if ckpt is None:
+        return TrainState()
+    state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
+    if args.epochs <= state.epoch:
+        raise UserError(f"{args.resume} has already trained {state.epoch} epochs; pass "
+                        f"--epochs above {state.epoch} to train further")
+    s.log(f"resumed from {args.resume} at epoch {state.epoch} (step {state.step})")
+    return state

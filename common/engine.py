@@ -6,6 +6,7 @@ progress bar) and once at the end of an epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -98,13 +99,15 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
             group_start = (i // accumulate) * accumulate
             group_size = min(accumulate, n_batches - group_start)
             inputs, targets = _to_device(batch, device, cfg.channels_last)
-            with precision.autocast():
-                outputs = model(inputs)
-                loss = task.loss(outputs, targets, train=True)
-            precision.scaler.scale(loss / group_size).backward()
+            last_in_group = i == group_start + group_size - 1
+            with _grad_sync(model, last_in_group):
+                with precision.autocast():
+                    outputs = model(inputs)
+                    loss = task.loss(outputs, targets, train=True)
+                precision.scaler.scale(loss / group_size).backward()
             task.accumulate(totals, outputs.detach(), targets, loss.detach())
             samples += targets.shape[0]
-            if i == group_start + group_size - 1:
+            if last_in_group:
                 _optimizer_step(model, optimizer, precision, cfg.clip_grad)
                 schedule.step()
                 state.step += 1
@@ -115,6 +118,13 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
     metrics = task.summarize(_reduced(totals))
     metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
     return metrics
+
+
+def _grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Under DDP, skip the gradient all-reduce on the micro-steps before the last of a group."""
+    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
@@ -149,11 +159,14 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         optimizer: torch.optim.Optimizer, schedule: Schedule, precision: Precision,
         device: torch.device, *, epochs: int, state: TrainState, step_cfg: StepConfig,
         on_epoch_end: EpochHook | None = None, min_delta: float = 0.0,
-        patience: int | None = None, log: Callable[[str], None] = print) -> TrainState:
+        patience: int | None = None, log: Callable[[str], None] = print,
+        eval_model: nn.Module | None = None) -> TrainState:
     """Train from state.epoch to `epochs`, evaluating, saving and stopping early as asked.
 
     on_epoch_end(state, record, improved) runs after each epoch (saving, logging, plots);
     training stops early after `patience` epochs without an improvement > min_delta.
+    eval_model: the plain model under a DDP wrapper (evaluation needs no collectives per batch,
+    so ranks with one sample fewer never wait for each other).
     """
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(state.epoch, epochs):
@@ -165,7 +178,7 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         record: dict[str, float] = {"epoch": epoch + 1}
         record.update({f"train_{k}": v for k, v in train.items() if k != "samples_per_s"})
         if val_loader is not None:
-            val = task.summarize(evaluate(model, task, val_loader, precision, device,
+            val = task.summarize(evaluate(eval_model or model, task, val_loader, precision, device,
                                           channels_last=step_cfg.channels_last))
             record.update({f"val_{k}": v for k, v in val.items()})
             schedule.epoch_end(val.get("loss"))

@@ -131,11 +131,15 @@ class Schedule:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "plateau_scale": self.plateau_scale,
-                "plateau_best": self.plateau_best, "plateau_bad": self.plateau_bad}
+        return {"steps": self.steps, "steps_per_epoch": self.steps_per_epoch,
+                "plateau_scale": self.plateau_scale, "plateau_best": self.plateau_best,
+                "plateau_bad": self.plateau_bad}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
+        """Progress is kept in epochs, so a resume with another number of processes (another
+        number of steps per epoch) continues the schedule where it was."""
+        saved_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        self.steps = round(int(state["steps"]) * self.steps_per_epoch / saved_per_epoch)
         self.plateau_scale = float(state["plateau_scale"])
         self.plateau_best = state["plateau_best"]
         self.plateau_bad = int(state["plateau_bad"])

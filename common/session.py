@@ -25,7 +25,7 @@ from .device import (
     select_device,
     set_memory_fraction,
 )
-from .distributed import DistContext, barrier, context_from_env
+from .distributed import DistContext, barrier, context_from_env, init_process_group
 from .engine import TrainState
 from .errors import UserError
 from .optim import Schedule
@@ -70,6 +70,10 @@ def start_session(args: argparse.Namespace, output: Path | None = None) -> Sessi
     device = select_device(args.device, args.gpu_id, args.no_gpu,
                            local_rank=ctx.local_rank if ctx.enabled else None, log=log)
     configure_backends(device, getattr(args, "deterministic", False))
+    backend = init_process_group(ctx, device, getattr(args, "dist_timeout", 1800.0))
+    if ctx.enabled:
+        log(f"distributed: {ctx.world_size} processes on {backend}; this is rank {ctx.rank} "
+            "(only rank 0 logs and saves)")
     set_memory_fraction(args.gpu_memory_fraction, device, log)
     seed_everything(getattr(args, "seed", 0) + ctx.rank)
     precision = make_precision(device, args.amp, args.amp_dtype, log)

@@ -387,7 +387,7 @@ def test_empty_val_class_folder_names_the_folder(tmp_path):
 # ---------------------------------------------------------------- loaders
 
 def test_epoch_shuffle_depends_only_on_seed_and_epoch():
-    from common.data.loaders import EpochShuffleSampler
+    from common.distributed import ShardSampler as EpochShuffleSampler
 
     data = list(range(50))
     a, b = EpochShuffleSampler(data, seed=3), EpochShuffleSampler(data, seed=3)
@@ -413,7 +413,7 @@ def test_make_loader_settings(monkeypatch):
 
     train = loaders.make_loader(data, 4, train=True, num_workers=0, pin_memory=False, seed=1,
                                 drop_last=True)
-    assert isinstance(train.sampler, loaders.EpochShuffleSampler)
+    assert isinstance(train.sampler, loaders.ShardSampler) and train.sampler.shuffle
     seen = [v for batch in train for v in batch[0].tolist()]
     assert len(seen) == 8 and len(set(seen)) == 8
 
