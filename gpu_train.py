@@ -1,4 +1,4 @@
-"""Train an image classifier on a folder of images (one GPU, or a CPU).
+"""Train an image classifier on a folder of images (one GPU, a CPU, or under torchrun).
 
     python gpu_train.py --demo                      # built-in two-class set, about a minute on a CPU
     python gpu_train.py --data-dir ./dataset --model efficientnet_b0 --num-classes 2 \
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from common.classify import add_classification_args, resolve_args, train
 from common.cli import new_parser
 from common.errors import run_cli
@@ -32,6 +34,7 @@ def _main(argv: Sequence[str] | None) -> int:
     return train(args, ckpt)
 
 
+@record  # under torchrun, a crash is reported with its rank and traceback
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 

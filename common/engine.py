@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, broadcast_buffers
 from .optim import Schedule
 from .precision import Precision
 
@@ -143,6 +143,7 @@ def evaluate(model: nn.Module, task: Any, loader: Iterable, precision: Precision
              desc: str = "val") -> dict[str, torch.Tensor]:
     """Run the model over `loader`; returns the task's totals, summed over ranks, on the host."""
     model.eval()
+    broadcast_buffers(model)
     totals = task.new_totals(device, train=False)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True):
         inputs, targets = _to_device(batch, device, channels_last)

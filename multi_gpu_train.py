@@ -1,0 +1,81 @@
+"""Train an image classifier on several GPUs (or CPU processes) with DistributedDataParallel.
+
+    torchrun --nproc_per_node 4 multi_gpu_train.py --distributed --data-dir ./dataset \
+        --batch-size 64 --epochs 50 --amp
+    python multi_gpu_train.py --distributed --batch-size 64 --epochs 50 --amp   # launches itself
+    python multi_gpu_train.py --distributed --nproc-per-node 2 --demo           # 2 CPU processes
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        multi_gpu_train.py --distributed --data-dir /shared/dataset --output /shared/output
+
+Every gpu_train.py flag works here. --batch-size is per process; the log states the global
+batch. Without torchrun, --distributed starts torch.distributed.run itself over every visible
+GPU (--nproc-per-node N to choose; N CPU processes on gloo where there is no GPU); with one
+GPU it runs as one process. --max-restarts K restarts failed workers, which resume from the
+last checkpoint.pth by themselves.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from common.classify import add_classification_args, resolve_args, train
+from common.cli import new_parser
+from common.errors import UserError, run_cli
+
+
+def build_parser():
+    parser = new_parser(__doc__.split("\n\n")[0])
+    add_classification_args(parser)
+    g = parser.add_argument_group("launching")
+    g.add_argument("--distributed", action="store_true",
+                   help="train with DDP; without torchrun, launch one process per GPU")
+    g.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes to launch without torchrun (default: the visible GPUs)")
+    g.add_argument("--max-restarts", type=int, default=0,
+                   help="restart failed workers up to K times; they resume from checkpoint.pth")
+    return parser
+
+
+def launch_command(nproc: int, max_restarts: int, argv: Sequence[str]) -> list[str]:
+    """torchrun on this machine, re-running this script with the same arguments."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+            os.path.abspath(__file__), *argv]
+
+
+def processes_to_launch(args) -> int:
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise UserError(f"--nproc-per-node must be 1 or more, got {args.nproc_per_node}")
+        return args.nproc_per_node
+    return torch.cuda.device_count() if torch.cuda.is_available() and not args.no_gpu else 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    under_torchrun = "WORLD_SIZE" in os.environ
+    args, ckpt = resolve_args(build_parser(), argv)
+    if args.distributed and not under_torchrun and not args.list_models:
+        nproc = processes_to_launch(args)
+        if nproc > 1:
+            print(f"launching {nproc} processes with torch.distributed.run "
+                  f"({'GPUs' if torch.cuda.is_available() and not args.no_gpu else 'CPU, gloo'})",
+                  flush=True)
+            return subprocess.call(launch_command(nproc, args.max_restarts, argv))
+        print("one device: training in this single process (pass --nproc-per-node N for N "
+              "processes)", flush=True)
+    return train(args, ckpt)
+
+
+@record  # under torchrun, a crash is reported with its rank and traceback
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

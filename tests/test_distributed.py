@@ -1,0 +1,180 @@
+"""DDP on gloo with 2 CPU processes: equivalence with one process, the launcher, exact
+validation, failure handling, restarts and resume across world sizes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, make_folder
+
+import gpu_train
+import multi_gpu_train
+import validate
+from common.checkpoint import load_checkpoint
+from common.distributed import ShardSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240
+             ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={restarts}", str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("n, world", [(13, 2), (10, 3), (7, 4), (1, 2)])
+def test_shards_cover_every_sample_once_in_evaluation(n, world):
+    shards = [list(ShardSampler(range(n), rank=r, world_size=world, shuffle=False, pad=False))
+              for r in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert [len(s) for s in shards] == [len(ShardSampler(range(n), rank=r, world_size=world,
+                                                         shuffle=False, pad=False)) for r in range(world)]
+
+
+def test_training_shards_are_equal_and_match_one_process_order():
+    n, world = 13, 2
+    samplers = [ShardSampler(range(n), rank=r, world_size=world, seed=3) for r in range(world)]
+    single = ShardSampler(range(n), seed=3)
+    for s in [*samplers, single]:
+        s.set_epoch(4)
+    shards = [list(s) for s in samplers]
+    assert len(shards[0]) == len(shards[1]) == 7 == len(samplers[0])
+    order = list(single)
+    # interleaving the ranks' shards gives back the single process's order (plus padding)
+    interleaved = [shards[r][k] for k in range(7) for r in range(world)]
+    assert interleaved[:n] == order and set(interleaved[n:]) <= set(order)
+
+
+def _reference(mode: str) -> dict[str, torch.Tensor]:
+    sys.path.insert(0, str(SCRIPTS))
+    import equivalence
+
+    batch, accumulate = equivalence.MODES[mode]
+    model = equivalence.train(mode, batch * 2 * accumulate, 1, rank=0, world=1)
+    return model.state_dict()
+
+
+def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
+    result = torchrun(SCRIPTS / "equivalence.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for mode in ("plain", "syncbn", "accum"):
+        ddp = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+        single = _reference(mode)
+        assert ddp.keys() == single.keys()
+        for key, value in single.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(ddp[key], value, atol=1e-5, rtol=1e-5,
+                                           msg=f"{mode}: {key} differs")
+            else:
+                assert torch.equal(ddp[key], value), f"{mode}: {key}"
+
+
+@pytest.fixture
+def odd_dataset(tmp_path: Path) -> Path:
+    """13 validation images: not divisible by 2 processes."""
+    root = tmp_path / "dataset"
+    make_folder(root / "train", per_class=16, seed=1)
+    make_folder(root / "val", classes=("bottom",), per_class=7, seed=2)
+    make_folder(root / "val", classes=("top",), per_class=6, seed=3)
+    return root
+
+
+def test_self_launched_two_processes_end_to_end(odd_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = multi_gpu_train.main(["--distributed", "--nproc-per-node", "2", "--data-dir", str(odd_dataset),
+                                 "--output", str(out), *FAST, "--epochs", "3"])
+    assert code == 0
+    assert "launching 2 processes" in capsys.readouterr().out
+    for name in ("checkpoint.pth", "best_model.pth", "metrics.csv", "training.log", "curves.png"):
+        assert (out / name).is_file(), name
+    log = (out / "training.log").read_text()
+    assert log.count("epoch 1/3 |") == 1  # only rank 0 logs
+    assert "distributed: 2 processes on gloo" in log and "global batch 16" in log
+    rows = read_rows(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    best = load_checkpoint(out / "best_model.pth")
+    assert best["metrics"]["val_acc"] > 0.6  # above chance
+    assert not any(k.startswith("module.") for k in best["state_dict"])
+
+    # validation under DDP counted each of the 13 images once: a single process agrees exactly
+    results = tmp_path / "r.json"
+    assert validate.main(["--model", str(out / "best_model.pth"), "--data-dir", str(odd_dataset / "val"),
+                          "--results-file", str(results), "--num-workers", "0"]) == 0
+    single = json.loads(results.read_text())
+    assert single["images"] == 13
+    assert single["metrics"]["acc"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-9)
+    assert single["metrics"]["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(dataset, tmp_path):
+    started = time.monotonic()
+    result = torchrun(SCRIPTS / "fail_rank1.py", "--data-dir", str(dataset), "--output", str(tmp_path / "o"),
+                      *FAST, "--epochs", "5", timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert elapsed < 60
+    output = result.stdout + result.stderr
+    # torchrun's summary names the first failing rank and shows its error
+    assert re.search(r"Root Cause.*?rank\s*:\s*1 .*?RuntimeError: injected failure on rank 1 at step 3",
+                     output, re.S), output[-3000:]
+
+
+def test_max_restarts_resumes_from_the_last_checkpoint(dataset, tmp_path):
+    out = tmp_path / "o"
+    result = torchrun(SCRIPTS / "crash_once.py", "--data-dir", str(dataset), "--output", str(out),
+                      *FAST, "--epochs", "3", restarts=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    log = (out / "training.log").read_text()
+    assert "resumed from" in log and "at epoch 2" in log
+    assert not list(out.glob("previous_run_*"))  # the restart continued, it did not start over
+
+
+def test_resume_under_ddp_from_a_one_process_checkpoint(dataset, tmp_path):
+    out = tmp_path / "o"
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(out), *FAST, "--epochs", "1"]) == 0
+    one = load_checkpoint(out / "checkpoint.pth")
+    # gpu_train.py itself under torchrun: one engine, one code path
+    result = torchrun(ROOT / "gpu_train.py", "--resume", str(out / "checkpoint.pth"), "--epochs", "2",
+                      "--num-workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = load_checkpoint(out / "checkpoint.pth")
+    assert two["train_state"]["epoch"] == 2
+    # 32 images: 4 steps of 8 in one process, then 2 steps of 2 x 8 under DDP
+    assert two["train_state"]["step"] == one["train_state"]["step"] + 2
+    assert two["train_state"]["schedule"]["steps_per_epoch"] == 2
+    assert "2 processes" in (out / "training.log").read_text()
+    assert [int(r["epoch"]) for r in read_rows(out / "metrics.csv")] == [1, 2]
+
+
+def test_lr_scale_linear(dataset, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(out), *FAST, "--epochs", "1",
+                           "--lr-scale", "linear", "--base-batch-size", "4", "--scheduler", "none"]) == 0
+    assert "lr scaled linearly: 0.005 x 8/4 = 0.01" in capsys.readouterr().out
+    assert float(read_rows(out / "metrics.csv")[0]["lr"]) == pytest.approx(0.01)
+
+
+def test_without_gpus_and_without_nproc_it_runs_one_process(dataset, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert multi_gpu_train.main(["--distributed", "--data-dir", str(dataset), "--output", str(out),
+                                 *FAST, "--epochs", "1"]) == 0
+    assert "single process" in capsys.readouterr().out
+    assert (out / "best_model.pth").is_file()
