@@ -14,14 +14,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import checkpoint as ckpt_lib
+import torch
+
 from common.cli import add_device_args, new_parser, resolve
 from common.data.images import ImageDataset, check_images, class_folders, eval_transform, scan_class_folders
 from common.data.loaders import make_loader
 from common.engine import evaluate
 from common.errors import UserError, run_cli
+from common.inference import load_for_inference
 from common.metrics import per_class_scores
-from common.models import model_from_spec
 from common.reporting import plot_confusion_matrix
 from common.session import start_session
 from common.tasks import ClassificationTask
@@ -39,6 +40,8 @@ def build_parser():
                         help="check every image first (default: fast)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="evaluate without unreadable images instead of stopping")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
     add_device_args(parser)
     return parser
 
@@ -73,17 +76,19 @@ def report(metrics: dict, scores: dict, classes: Sequence[str], count: int) -> s
 
 def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)
-    ckpt = ckpt_lib.load_checkpoint(args.model, task="classification")
-    classes = list(ckpt["classes"])
     s = start_session(args, None)
+    loaded = load_for_inference(args.model, s.device, trust=args.trust_checkpoint)
+    classes = loaded.classes or []
     samples = load_samples(Path(args.data_dir), classes, args)
-    model = model_from_spec(ckpt["model"])
-    ckpt_lib.load_state_dict_checked(model, ckpt["state_dict"], args.model)
-    model.to(s.device)
-    loader = make_loader(ImageDataset(samples, eval_transform(ckpt["preprocessing"])), args.batch_size,
+    loader = make_loader(ImageDataset(samples, eval_transform(loaded.preprocessing)), args.batch_size,
                          train=False, num_workers=s.num_workers, pin_memory=s.pin_memory)
     task = ClassificationTask(len(classes))
-    totals = evaluate(model, task, loader, s.precision, s.device, show_progress=True)
+    predicted: list[torch.Tensor] = []  # argmax per batch, kept on the device until the end
+    hook = loaded.model.register_forward_hook(lambda _m, _i, out: predicted.append(out.argmax(1)))
+    try:
+        totals = evaluate(loaded.model, task, loader, s.precision, s.device, show_progress=True)
+    finally:
+        hook.remove()
     metrics = task.summarize(totals)
     matrix = totals["confusion"].tolist()
     scores = per_class_scores(totals["confusion"])
@@ -93,8 +98,12 @@ def _main(argv: Sequence[str] | None) -> int:
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png")
     print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")
     if args.results_file:
+        labels = torch.cat(predicted).tolist() if predicted else []
+        per_image = [{"path": p, "true": classes[t], "predicted": classes[q]}
+                     for (p, t), q in zip(samples, labels, strict=True)]
         result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "images": len(samples),
-                  "metrics": metrics, "classes": classes, "per_class": scores, "confusion_matrix": matrix}
+                  "metrics": metrics, "classes": classes, "per_class": scores,
+                  "confusion_matrix": matrix, "predictions": per_image}
         Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"results: {args.results_file}")
     return 0

@@ -120,6 +120,9 @@ def load_raw(path: str | os.PathLike, *, trust: bool = False) -> Any:
                             "when loaded; if you trust its source, pass --trust-checkpoint") from None
         raise UserError(f"checkpoint {file} is corrupt or not a PyTorch file ({_short(exc)}); "
                         "use another copy") from None
+    except ImportError as exc:  # a trusted whole-model pickle whose classes are not importable
+        raise UserError(f"checkpoint {file} needs Python code that is not importable here ({exc}); "
+                        "run from the project that defined the model, or save its state_dict") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError,
             TypeError, struct.error) as exc:  # what unpickling garbage raises
         raise UserError(f"checkpoint {file} is truncated or not a PyTorch checkpoint "

@@ -1,0 +1,128 @@
+"""Run a saved model on image files: the top classes with their probabilities.
+
+    python predict.py --model ./output/best_model.pth --input photo.jpg
+    python predict.py -m best_model.pth -i ./new_images "shots/*.png" --topk 3 --output results.csv
+    python predict.py -m best_model.pth -i ./new_images --output results.json --amp
+
+Classes and preprocessing come from the checkpoint, exactly as validate.py prepares images.
+--input takes files, folders (searched recursively) and glob patterns. Files that cannot be
+read are reported (in the console and in --output) and skipped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.cli import add_device_args, new_parser, resolve
+from common.data.images import eval_transform, load_rgb
+from common.errors import UserError, run_cli
+from common.inference import LoadedModel, gather_inputs, load_for_inference
+from common.session import start_session
+
+
+def build_parser():
+    parser = new_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", required=True, metavar="CHECKPOINT", help="checkpoint to run")
+    parser.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders (recursive) or glob patterns")
+    parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="write the predictions to FILE.csv or FILE.json")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
+    add_device_args(parser)
+    return parser
+
+
+class ImageFiles(Dataset):
+    """(tensor, index, error) per file: an unreadable file gives an error string, not a crash."""
+
+    def __init__(self, paths: Sequence[Path], pre: dict[str, Any]):
+        self.paths, self.transform = list(paths), eval_transform(pre)
+        self.blank = torch.zeros(pre.get("channels", 3), pre["img_size"], pre["img_size"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(load_rgb(self.paths[index])), index, ""
+        except (OSError, SyntaxError, ValueError) as exc:
+            return self.blank, index, " ".join(str(exc).split()) or type(exc).__name__
+
+
+@torch.inference_mode()
+def predict(loaded: LoadedModel, paths: Sequence[Path], s, batch_size: int, topk: int
+            ) -> list[dict[str, Any]]:
+    """Top-k per file. Results stay on the device until the end: one host read in all."""
+    loader = DataLoader(ImageFiles(paths, loaded.preprocessing), batch_size=batch_size,
+                        num_workers=s.num_workers, pin_memory=s.pin_memory)
+    tops, order, failures = [], [], {}
+    for images, indices, errors in loader:
+        with s.precision.autocast():
+            logits = loaded.model(images.to(s.device, non_blocking=True))
+        tops.append(logits.float().softmax(dim=1).topk(min(topk, logits.shape[1]), dim=1))
+        order += indices.tolist()
+        failures.update({i: e for i, e in zip(indices.tolist(), errors, strict=True) if e})
+    probs = torch.cat([t.values for t in tops]).tolist() if tops else []
+    labels = torch.cat([t.indices for t in tops]).tolist() if tops else []
+    classes = loaded.classes or []
+    results: list[dict[str, Any]] = []
+    for index, row_p, row_c in zip(order, probs, labels, strict=True):
+        error = failures.get(index, "")
+        predictions = [] if error else [
+            {"label": classes[c] if c < len(classes) else str(c), "index": c, "probability": p}
+            for p, c in zip(row_p, row_c, strict=True)]
+        results.append({"path": str(paths[index]), "error": error, "predictions": predictions})
+    return results
+
+
+def write_results(results: list[dict[str, Any]], path: Path) -> None:
+    """CSV (one row per file: path, label/prob pairs, error) or JSON, by the file name."""
+    topk = max((len(r["predictions"]) for r in results), default=0)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        return
+    header = ["path"] + [f"{kind}{k}" for k in range(1, topk + 1) for kind in ("label", "prob")] + ["error"]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for r in results:
+            cells = [x for p in r["predictions"] for x in (p["label"], f"{p['probability']:.6f}")]
+            writer.writerow([r["path"], *cells, *[""] * (2 * topk - len(cells)), r["error"]])
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args, _ = resolve(build_parser(), argv)
+    if args.topk < 1 or args.batch_size < 1:
+        raise UserError("--topk and --batch-size must be 1 or more")
+    if args.output and Path(args.output).suffix.lower() not in {".csv", ".json"}:
+        raise UserError(f"--output {args.output}: use a .csv or .json file name")
+    paths = gather_inputs(args.input)
+    s = start_session(args, None)
+    loaded = load_for_inference(args.model, s.device, trust=args.trust_checkpoint)
+    results = predict(loaded, paths, s, args.batch_size, args.topk)
+    for r in results:
+        shown = ", ".join(f"{p['label']} ({p['probability']:.4f})" for p in r["predictions"])
+        print(f"{r['path']}: {shown}" if not r["error"] else f"{r['path']}: unreadable ({r['error']})")
+    bad = sum(1 for r in results if r["error"])
+    print(f"{len(results) - bad} image(s) predicted" + (f", {bad} unreadable and skipped" if bad else ""))
+    if args.output:
+        write_results(results, Path(args.output))
+        print(f"predictions: {args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
