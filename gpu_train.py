@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from common.classify import add_classification_args, resolve_args, train
 from common.cli import new_parser
 from common.errors import run_cli
@@ -34,7 +32,6 @@ def _main(argv: Sequence[str] | None) -> int:
     return train(args, ckpt)
 
 
-@record  # under torchrun, a crash is reported with its rank and traceback
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 

@@ -30,6 +30,7 @@ from .device import resolve_channels_last
 from .distributed import barrier, convert_sync_batchnorm, destroy_process_group, restart_count, wrap_ddp
 from .engine import StepConfig, TrainState, fit
 from .errors import UserError
+from .memory import OOMRecovery, memory_state, restore_memory_state
 from .models import build_model, list_models, load_weights_file
 from .optim import Schedule, build_optimizer
 from .session import (
@@ -252,14 +253,17 @@ def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
     open_output(s, resuming=ckpt is not None)
     save_run_config(s)
     task = ClassificationTask(len(data.classes), args.label_smoothing)
+    step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
+                          channels_last=channels_last, log_interval=args.log_interval,
+                          show_progress=s.is_main,
+                          recovery=OOMRecovery(args.batch_size, args.accumulate_grad_batches, s.log))
+    if ckpt is not None:
+        step_cfg.splits = restore_memory_state(ckpt["train_state"], plain, args.batch_size, s.log)
     writer = EpochWriter(s, plain, task=TASK, model_spec=spec, optimizer=optimizer,
                          meta={"classes": data.classes, "preprocessing": data.preprocessing},
                          schedule=schedule, epochs=args.epochs,
-                         extra_state=lambda: {"micro_batch": args.batch_size,
-                                              "accumulate": args.accumulate_grad_batches})
-    step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
-                          channels_last=channels_last, log_interval=args.log_interval,
-                          show_progress=s.is_main)
+                         extra_state=lambda: memory_state(plain, args.batch_size,
+                                                          args.accumulate_grad_batches, step_cfg.splits))
     try:
         fit(model, task, data.train_loader, data.val_loader, optimizer, schedule, s.precision,
             s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,

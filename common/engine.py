@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum, broadcast_buffers
+from .memory import OOMRecovery
 from .optim import Schedule
 from .precision import Precision
 
@@ -59,6 +60,8 @@ class StepConfig:
     channels_last: bool = False
     log_interval: int = 20
     show_progress: bool = True
+    splits: int = 1                      # chunks per loaded batch (raised by OOM recovery)
+    recovery: OOMRecovery | None = None  # None: an out-of-memory error propagates
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,30 +86,51 @@ def _postfix(task: Any, totals: dict[str, torch.Tensor], lr: float, samples: int
     return shown
 
 
+def _micro_steps(model: nn.Module, task: Any, batch: Any, totals: dict[str, torch.Tensor],
+                 precision: Precision, device: torch.device, cfg: StepConfig, group_size: int,
+                 sync_at_end: bool) -> int:
+    """Forward and backward of one loaded batch, as cfg.splits chunks whose losses are weighted
+    by their share of the batch: the gradient is that of the whole batch, whatever the split."""
+    inputs, targets = _to_device(batch, device, cfg.channels_last)
+    n = targets.shape[0]
+    chunks = list(zip(inputs.tensor_split(cfg.splits), targets.tensor_split(cfg.splits), strict=True))
+    chunks = [c for c in chunks if c[1].shape[0] > 0]
+    for j, (x, y) in enumerate(chunks):
+        with _grad_sync(model, sync_at_end and j == len(chunks) - 1):
+            with precision.autocast():
+                outputs = model(x)
+                loss = task.loss(outputs, y, train=True)
+            precision.scaler.scale(loss * (y.shape[0] / n / group_size)).backward()
+        task.accumulate(totals, outputs.detach(), y, loss.detach())
+    return n
+
+
 def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: torch.optim.Optimizer,
                     schedule: Schedule, precision: Precision, device: torch.device,
                     cfg: StepConfig, state: TrainState, desc: str = "train") -> dict[str, float]:
-    """One pass over `loader`; returns the epoch's training metrics and throughput."""
+    """One pass over `loader`; returns the epoch's training metrics and throughput.
+
+    Batches are grouped by cfg.accumulate (a short last group is weighted by its real size);
+    the optimizer steps once per group. An out-of-memory error replays the group after
+    cfg.recovery has lowered the memory need (see common/memory.py)."""
     model.train()
     totals = task.new_totals(device, train=True)
     n_batches = len(loader)  # type: ignore[arg-type]
     accumulate = max(cfg.accumulate, 1)
     samples, started = 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
+    group: list[Any] = []
     with tqdm(total=n_batches, desc=desc, leave=False, disable=not cfg.show_progress,
               dynamic_ncols=True, mininterval=0.5) as bar:
         for i, batch in enumerate(loader):
             group_start = (i // accumulate) * accumulate
             group_size = min(accumulate, n_batches - group_start)
-            inputs, targets = _to_device(batch, device, cfg.channels_last)
+            if i == group_start:
+                group, at_group_start = [], _snapshot(totals, cfg)
+            group.append(batch)
             last_in_group = i == group_start + group_size - 1
-            with _grad_sync(model, last_in_group):
-                with precision.autocast():
-                    outputs = model(inputs)
-                    loss = task.loss(outputs, targets, train=True)
-                precision.scaler.scale(loss / group_size).backward()
-            task.accumulate(totals, outputs.detach(), targets, loss.detach())
-            samples += targets.shape[0]
+            samples += _run_guarded(model, task, group, totals, at_group_start, optimizer, precision,
+                                    device, cfg, group_size, last_in_group)
             if last_in_group:
                 _optimizer_step(model, optimizer, precision, cfg.clip_grad)
                 schedule.step()
@@ -118,6 +142,32 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
     metrics = task.summarize(_reduced(totals))
     metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
     return metrics
+
+
+def _snapshot(totals: dict[str, torch.Tensor], cfg: StepConfig) -> dict[str, torch.Tensor] | None:
+    """Totals at the start of a group, to undo a half-done group (only kept when recovering)."""
+    return {k: v.clone() for k, v in totals.items()} if cfg.recovery is not None else None
+
+
+def _run_guarded(model, task, group, totals, at_group_start, optimizer, precision, device,
+                 cfg: StepConfig, group_size: int, last_in_group: bool) -> int:
+    """Run the newest batch of the group; after an out-of-memory error, replay the whole group."""
+    pending = group[-1:]
+    while True:
+        try:
+            done = 0
+            for k, batch in enumerate(pending):
+                done = _micro_steps(model, task, batch, totals, precision, device, cfg, group_size,
+                                    last_in_group and k == len(pending) - 1)
+            return done
+        except torch.OutOfMemoryError as exc:
+            if cfg.recovery is None:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in (at_group_start or {}).items():
+                totals[key].copy_(value)
+            cfg.splits = cfg.recovery.recover(exc, model, cfg.splits)
+            pending = list(group)
 
 
 def _grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -1,6 +1,7 @@
 """UserError and the one place that turns it into `error: ...` and exit code 2."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -27,7 +28,14 @@ EXIT_INTERRUPTED = 130
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit code 2.
+
+    Under torchrun, a crash (a bug, not a UserError) is also recorded for torchrun's summary,
+    which then names the failing rank and shows its traceback."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        main = record(main)
     try:
         return main(argv)
     except UserError as exc:
