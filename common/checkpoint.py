@@ -9,6 +9,8 @@ import pickle
 import random
 import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,10 +114,14 @@ def load_raw(path: str | os.PathLike, *, trust: bool = False) -> Any:
     if not head.startswith(_TORCH_MAGIC):
         raise UserError(f"checkpoint {file} is not a PyTorch file (it starts with {head!r}); "
                         "use another copy, e.g. best_model.pth")
+    damaged = zip_crc_errors(file)
+    if damaged:
+        raise UserError(f"checkpoint {file} is corrupted (checksum mismatch in {', '.join(damaged[:3])}); "
+                        "use another copy, e.g. best_model.pth")
     try:
         return torch.load(file, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # the safe loader met code to import and run
+        if "unsupported global" in str(exc).lower():  # the safe loader met code to import and run
             raise UserError(f"checkpoint {file} holds pickled Python objects that could run code "
                             "when loaded; if you trust its source, pass --trust-checkpoint") from None
         raise UserError(f"checkpoint {file} is corrupt or not a PyTorch file ({_short(exc)}); "
@@ -129,6 +135,28 @@ def load_raw(path: str | os.PathLike, *, trust: bool = False) -> Any:
                         f"({_short(exc)}); use another copy, e.g. best_model.pth") from None
 
 
+def zip_crc_errors(path: Path) -> list[str]:
+    """Entries of a torch zip archive whose bytes no longer match their CRC-32 (torch.load does not
+    check it, so flipped bits in the tensor data would load silently). [] for other files."""
+    if not zipfile.is_zipfile(path):
+        return []  # missing, truncated or not a zip: the loader says why
+    bad = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # saved without CRC-32 (torch.serialization.set_crc32_options(False))
+                try:
+                    with archive.open(info) as fh:
+                        while fh.read(1 << 22):
+                            continue
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    bad.append(info.filename if "CRC" in str(exc) else f"{info.filename} ({_short(exc)})")
+    except (zipfile.BadZipFile, OSError) as exc:
+        return [f"the zip directory ({_short(exc)})"]
+    return bad
+
+
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:160] + ("..." if len(text) > 160 else "")
@@ -138,19 +166,32 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None,
                     need_train_state: bool = False, trust: bool = False) -> dict[str, Any]:
     """Load and check one of this toolkit's checkpoints."""
     ckpt = load_raw(path, trust=trust)
+    check_header(ckpt, path, task=task, need_train_state=need_train_state)
+    return ckpt
+
+
+REQUIRED_KEYS = ("task", "model", "state_dict")
+
+
+def check_header(ckpt: Any, path: str | os.PathLike, *, task: str | None = None,
+                 need_train_state: bool = False) -> None:
+    """Format, version, completeness and task of a loaded checkpoint dict."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this toolkit (no '{FORMAT}' header); "
                         "train with gpu_train.py, or load plain weights with --weights")
     if ckpt.get("version", 0) > VERSION:
         raise UserError(f"{path} has checkpoint version {ckpt['version']}, newer than this "
                         f"toolkit's {VERSION}; update the toolkit")
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks the entries {', '.join(missing)}; it was not written by this "
+                        "toolkit's training scripts, use another checkpoint")
     if task is not None and ckpt.get("task") != task:
         raise UserError(f"{path} is a {ckpt.get('task')} checkpoint, but this tool needs a "
                         f"{task} checkpoint")
     if need_train_state and "train_state" not in ckpt:
         raise UserError(f"{path} has no training state to resume from (best_model.pth holds "
                         "weights only); resume from checkpoint.pth")
-    return ckpt
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],

@@ -3,7 +3,6 @@ its data, its model, and train() which wires them into the engine."""
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,21 +27,15 @@ from .data.images import (
 from .data.loaders import make_loader
 from .device import resolve_channels_last
 from .distributed import barrier, convert_sync_batchnorm, destroy_process_group, restart_count, wrap_ddp
-from .engine import StepConfig, TrainState, fit
 from .errors import UserError
-from .memory import OOMRecovery, memory_state, restore_memory_state
 from .models import build_model, list_models, load_weights_file
-from .optim import Schedule, build_optimizer
 from .session import (
-    EpochWriter,
     Session,
     check_positive,
-    open_output,
-    restore_train_state,
-    save_run_config,
     start_session,
 )
 from .tasks import ClassificationTask
+from .trainer import Job, run_job
 
 TASK = "classification"
 DEMO_PRESET = {"model": "small_cnn", "img_size": 64, "epochs": 12, "batch_size": 32, "lr": 3e-3,
@@ -110,7 +103,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
     if first.dataset in TORCHVISION_SETS:
         layers.append({"img_size": TORCHVISION_SETS[first.dataset][3]})
     ckpt = None
-    auto = Path(first.output) / "checkpoint.pth"
+    auto = Path(resolve(parser, argv, layers)[0].output) / "checkpoint.pth"  # with the presets
     if not first.resume and restart_count() > 0 and auto.is_file():
         first.resume = str(auto)  # torchrun restarted the job (--max-restarts): continue it
         argv = [*(argv or []), "--resume", str(auto)]
@@ -209,18 +202,6 @@ def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
     return (torch.compile(trained) if args.compile else trained), model, spec
 
 
-def scaled_lr(args: argparse.Namespace, s: Session) -> float:
-    """--lr-scale linear: the linear scaling rule against --base-batch-size."""
-    per_step = args.batch_size * args.accumulate_grad_batches
-    global_batch = per_step * s.ctx.world_size
-    if args.lr_scale != "linear":
-        return args.lr
-    base = args.base_batch_size or per_step
-    lr = args.lr * global_batch / base
-    s.log(f"lr scaled linearly: {args.lr:g} x {global_batch}/{base} = {lr:g}")
-    return lr
-
-
 def train(args: argparse.Namespace, ckpt: dict | None) -> int:
     if args.list_models:
         for source, names in list_models().items():
@@ -242,52 +223,11 @@ def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
                         f"{args.data_dir} ({', '.join(data.classes)}); resume on the same data")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
-    optimizer = build_optimizer(plain.parameters(), args.optimizer, scaled_lr(args, s),
-                                args.weight_decay, args.momentum, args.amsgrad,
-                                fused=s.device.type == "cuda")
-    steps = math.ceil(len(data.train_loader) / args.accumulate_grad_batches)
-    schedule = Schedule(optimizer, args.scheduler, epochs=args.epochs, steps_per_epoch=steps,
-                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
-                        step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
-    state = _resume(args, ckpt, s, plain, optimizer, schedule)
-    open_output(s, resuming=ckpt is not None)
-    save_run_config(s)
-    task = ClassificationTask(len(data.classes), args.label_smoothing)
-    step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
-                          channels_last=channels_last, log_interval=args.log_interval,
-                          show_progress=s.is_main,
-                          recovery=OOMRecovery(args.batch_size, args.accumulate_grad_batches, s.log))
-    if ckpt is not None:
-        step_cfg.splits = restore_memory_state(ckpt["train_state"], plain, args.batch_size, s.log)
-    writer = EpochWriter(s, plain, task=TASK, model_spec=spec, optimizer=optimizer,
-                         meta={"classes": data.classes, "preprocessing": data.preprocessing},
-                         schedule=schedule, epochs=args.epochs,
-                         extra_state=lambda: memory_state(plain, args.batch_size,
-                                                          args.accumulate_grad_batches, step_cfg.splits))
-    try:
-        fit(model, task, data.train_loader, data.val_loader, optimizer, schedule, s.precision,
-            s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
-            min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log,
-            eval_model=plain)
-    finally:
-        writer.close()
-    if state.best_metric is not None:
-        s.log(f"done: best val accuracy {100 * state.best_metric:.2f}% at epoch {state.best_epoch}; "
-              f"best model {s.output / 'best_model.pth'}, resume state {s.output / 'checkpoint.pth'}")
+    job = Job(task=ClassificationTask(len(data.classes), args.label_smoothing), model=model,
+              plain=plain, spec=spec, meta={"classes": data.classes, "preprocessing": data.preprocessing},
+              train_loader=data.train_loader, val_loader=data.val_loader, channels_last=channels_last,
+              summary=lambda st: (f"done: best val accuracy {100 * st.best_metric:.2f}% at epoch "
+                                  f"{st.best_epoch}; best model {s.output / 'best_model.pth'}, "
+                                  f"resume state {s.output / 'checkpoint.pth'}"))
+    run_job(args, s, job, ckpt)
     return 0
-
-
-def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
-    world = s.ctx.world_size
-    per_step = args.batch_size * args.accumulate_grad_batches
-    s.log(f"batch {args.batch_size} per process x {world} process(es) x accumulation "
-          f"{args.accumulate_grad_batches} = global batch {per_step * world}; "
-          f"{args.epochs} epochs; output in {s.output}")
-    if ckpt is None:
-        return TrainState()
-    state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
-    if args.epochs <= state.epoch:
-        raise UserError(f"{args.resume} has already trained {state.epoch} epochs; pass "
-                        f"--epochs above {state.epoch} to train further")
-    s.log(f"resumed from {args.resume} at epoch {state.epoch} (step {state.step})")
-    return state

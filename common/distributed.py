@@ -53,7 +53,13 @@ def init_process_group(ctx: DistContext, device: torch.device, timeout_s: float)
         return dist.get_backend() if dist.is_initialized() else "none"
     backend = "nccl" if device.type == "cuda" else "gloo"
     extra = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s), **extra)
+    timeout = _dt.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", ctx.rank, ctx.world_size, timeout=timeout))
+    # Keys of an attempt that torchrun restarted (--max-restarts) must not be read by the next
+    # one: a stale peer address makes the new group fail to connect.
+    store = dist.PrefixStore(f"toolkit/attempt{restart_count()}", store)
+    dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size,
+                            timeout=timeout, **extra)
     return backend
 
 

@@ -211,14 +211,17 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         device: torch.device, *, epochs: int, state: TrainState, step_cfg: StepConfig,
         on_epoch_end: EpochHook | None = None, min_delta: float = 0.0,
         patience: int | None = None, log: Callable[[str], None] = print,
-        eval_model: nn.Module | None = None) -> TrainState:
+        eval_model: nn.Module | None = None, restore_best: bool = False) -> TrainState:
     """Train from state.epoch to `epochs`, evaluating, saving and stopping early as asked.
 
     on_epoch_end(state, record, improved) runs after each epoch (saving, logging, plots);
     training stops early after `patience` epochs without an improvement > min_delta.
     eval_model: the plain model under a DDP wrapper (evaluation needs no collectives per batch,
     so ranks with one sample fewer never wait for each other).
+    restore_best: at the end, put the best epoch's weights back into the model.
     """
+    plain = eval_model or model
+    best_weights: dict[str, torch.Tensor] | None = None
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(state.epoch, epochs):
         if hasattr(sampler, "set_epoch"):
@@ -229,7 +232,7 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         record: dict[str, float] = {"epoch": epoch + 1}
         record.update({f"train_{k}": v for k, v in train.items() if k != "samples_per_s"})
         if val_loader is not None:
-            val = task.summarize(evaluate(eval_model or model, task, val_loader, precision, device,
+            val = task.summarize(evaluate(plain, task, val_loader, precision, device,
                                           channels_last=step_cfg.channels_last))
             record.update({f"val_{k}": v for k, v in val.items()})
             schedule.epoch_end(val.get("loss"))
@@ -239,10 +242,15 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         state.history.append(record)
         monitored = record.get(f"val_{task.monitor}", record.get(f"train_{task.monitor}"))
         improved = state.improved(monitored, min_delta)
+        if improved and restore_best:
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
         if on_epoch_end is not None:
             on_epoch_end(state, record, improved)
         if patience is not None and state.epoch - state.best_epoch >= patience:
             log(f"early stopping: no improvement of val {task.monitor} above {min_delta} for "
                 f"{patience} epochs (best {state.best_metric:.4f} at epoch {state.best_epoch})")
             break
+    if best_weights is not None and state.best_epoch != state.epoch:
+        plain.load_state_dict(best_weights)
+        log(f"restored the best weights (epoch {state.best_epoch})")
     return state

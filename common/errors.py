@@ -32,15 +32,20 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
 
     Under torchrun, a crash (a bug, not a UserError) is also recorded for torchrun's summary,
     which then names the failing rank and shows its traceback."""
+
+    def guarded(args: Sequence[str] | None) -> int:
+        try:
+            return main(args)
+        except UserError as exc:
+            print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted: the last saved checkpoint is intact; resume with --resume",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+
     if "TORCHELASTIC_RUN_ID" in os.environ:
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        main = record(main)
-    try:
-        return main(argv)
-    except UserError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: the last saved checkpoint is intact; resume with --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        guarded = record(guarded)
+    return guarded(argv)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, load_checkpoint, load_raw, load_state_dict_checked
+from .checkpoint import FORMAT, check_header, load_raw, load_state_dict_checked
 from .data.images import IMAGENET_MEAN, IMAGENET_STD, is_image_file, preprocessing
 from .errors import UserError
 from .models import build_model, model_from_spec
@@ -47,8 +47,8 @@ def load_for_inference(path: str | Path, device: torch.device, *, tasks: Sequenc
     file = Path(path)
     raw = load_raw(file, trust=trust)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        ckpt = load_checkpoint(file, trust=trust) if trust else raw
-        return _from_checkpoint(ckpt, file, device, tasks)
+        check_header(raw, file)
+        return _from_checkpoint(raw, file, device, tasks)
     if isinstance(raw, nn.Module):
         return _from_module(raw, file, device, num_classes, img_size)
     return _from_state_dict(raw, file, device, arch, num_classes, img_size)
@@ -63,7 +63,7 @@ def _from_checkpoint(ckpt: dict[str, Any], file: Path, device: torch.device,
     model = model_from_spec(ckpt["model"])
     load_state_dict_checked(model, ckpt["state_dict"], str(file))
     return LoadedModel(model.to(device).eval(), task, file, list(ckpt.get("classes") or []) or None,
-                       dict(ckpt["preprocessing"]), dict(ckpt["model"]), ckpt)
+                       dict(ckpt.get("preprocessing") or {}), dict(ckpt["model"]), ckpt)
 
 
 def _from_module(model: nn.Module, file: Path, device: torch.device, num_classes: int | None,

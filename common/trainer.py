@@ -1,0 +1,91 @@
+"""run_job(): what every training recipe does once its data, model and task are built --
+optimizer, schedule, resume, output folder, the engine, checkpoints. Recipes (classification,
+segmentation) differ only in what they hand over in a Job."""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .engine import StepConfig, TrainState, fit
+from .errors import UserError
+from .memory import OOMRecovery, memory_state, restore_memory_state
+from .optim import Schedule, build_optimizer
+from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config
+
+
+@dataclass
+class Job:
+    task: Any                  # ClassificationTask, SegmentationTask, ...
+    model: nn.Module           # what trains: maybe wrapped in DDP or compiled
+    plain: nn.Module           # the unwrapped model, the one that is saved
+    spec: dict[str, Any]       # how to rebuild the model (checkpoint "model")
+    meta: dict[str, Any]       # task keys of the checkpoint: classes, preprocessing, mask values
+    train_loader: Any
+    val_loader: Any
+    channels_last: bool = False
+    summary: Callable[[TrainState], str] | None = None  # the closing line
+
+
+def scaled_lr(args: argparse.Namespace, s: Session) -> float:
+    """--lr-scale linear: the linear scaling rule against --base-batch-size."""
+    per_step = args.batch_size * args.accumulate_grad_batches
+    if getattr(args, "lr_scale", "none") != "linear":
+        return args.lr
+    base = args.base_batch_size or per_step
+    lr = args.lr * per_step * s.ctx.world_size / base
+    s.log(f"lr scaled linearly: {args.lr:g} x {per_step * s.ctx.world_size}/{base} = {lr:g}")
+    return lr
+
+
+def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -> TrainState:
+    optimizer = build_optimizer(job.plain.parameters(), args.optimizer, scaled_lr(args, s),
+                                args.weight_decay, args.momentum, args.amsgrad,
+                                fused=s.device.type == "cuda")
+    steps = math.ceil(len(job.train_loader) / args.accumulate_grad_batches)
+    schedule = Schedule(optimizer, args.scheduler, epochs=args.epochs, steps_per_epoch=steps,
+                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+                        step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
+    state = _resume(args, ckpt, s, job.plain, optimizer, schedule)
+    open_output(s, resuming=ckpt is not None)
+    save_run_config(s)
+    step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
+                          channels_last=job.channels_last, log_interval=args.log_interval,
+                          show_progress=s.is_main,
+                          recovery=OOMRecovery(args.batch_size, args.accumulate_grad_batches, s.log))
+    if ckpt is not None:
+        step_cfg.splits = restore_memory_state(ckpt["train_state"], job.plain, args.batch_size, s.log)
+    writer = EpochWriter(s, job.plain, task=job.task.name, model_spec=job.spec, meta=job.meta,
+                         optimizer=optimizer, schedule=schedule, epochs=args.epochs,
+                         extra_state=lambda: memory_state(job.plain, args.batch_size,
+                                                          args.accumulate_grad_batches, step_cfg.splits))
+    try:
+        fit(job.model, job.task, job.train_loader, job.val_loader, optimizer, schedule, s.precision,
+            s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
+            min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log,
+            eval_model=job.plain, restore_best=getattr(args, "restore_best", False))
+    finally:
+        writer.close()
+    if job.summary is not None and state.best_metric is not None:
+        s.log(job.summary(state))
+    return state
+
+
+def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
+    world = s.ctx.world_size
+    per_step = args.batch_size * args.accumulate_grad_batches
+    s.log(f"batch {args.batch_size} per process x {world} process(es) x accumulation "
+          f"{args.accumulate_grad_batches} = global batch {per_step * world}; "
+          f"{args.epochs} epochs; output in {s.output}")
+    if ckpt is None:
+        return TrainState()
+    state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
+    if args.epochs <= state.epoch:
+        raise UserError(f"{args.resume} has already trained {state.epoch} epochs; pass "
+                        f"--epochs above {state.epoch} to train further")
+    s.log(f"resumed from {args.resume} at epoch {state.epoch} (step {state.step})")
+    return state

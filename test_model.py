@@ -1,0 +1,474 @@
+"""Check a saved model before fine-tuning: file integrity, device, forward pass, quick evaluation
+and memory (step one of the fine-tuning guide).
+
+    python test_model.py --model-path ./output/best_model.pth
+    python test_model.py --model-path=./output/best_model.pth --data-dir ./dataset/val
+    python test_model.py --model ./output/best_model.pth --data-dir ./dataset/val --batches 3 --batch-size 32
+    python test_model.py --model-path weights.pth --arch resnet18 --num-classes 10 --img-size 224
+    python test_model.py --model-path whole_model.pt --trust-checkpoint --img-size 224
+    python test_model.py --model-path ./output/best_model.pth --no-gpu
+
+One line per check, marked passed, failed or skipped (emoji, or [PASS] / [FAIL] / [SKIP] where the
+console cannot show them, e.g. a Windows cp936 console), details indented below it:
+  1. file integrity: readable, format and version, sha256, parameter count, the weights fit the
+     architecture (names the keys that do not), no NaN/Inf in the weights (names the tensors)
+  2. device: the GPU (name, memory, CUDA and cuDNN versions), or a CPU-only run (not a failure)
+  3. forward pass: a random batch of the checkpoint's input shape gives finite (batch, classes) scores
+  4. quick evaluation: accuracy and loss on --batches batches of a random sample of --data-dir
+     (class folders named as the checkpoint's classes; skipped without --data-dir)
+  5. memory: peak GPU memory of the forward pass, or the process's peak RSS on a CPU
+A check that cannot run because an earlier one failed is shown as skipped.
+
+Files made elsewhere: a plain state_dict needs --arch NAME --num-classes N (and --img-size, default
+224); a whole pickled model is read only with --trust-checkpoint, since unpickling it can run code.
+Such files carry no class names: with --data-dir, the class folders in sorted order are labels
+0..N-1, as torchvision's ImageFolder numbers them.
+
+Exit codes: 0 every check passed; 1 a check failed (the model file, the data or the device);
+2 the command line is wrong (argparse usage errors, bad values such as --batches 0, --device foo,
+--gpu-id beyond the visible GPUs, an unknown --arch): one error line, and no check runs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import FORMAT, VERSION, sha256_of
+from common.cli import add_device_args, new_parser, resolve
+from common.data.images import ImageDataset, class_folders, eval_transform, scan_class_folders
+from common.data.loaders import make_loader
+from common.device import (
+    default_num_workers,
+    describe,
+    resolve_pin_memory,
+    select_device,
+    set_memory_fraction,
+)
+from common.engine import evaluate
+from common.errors import UserError, run_cli, user_message
+from common.inference import LoadedModel, load_for_inference
+from common.models import find_source
+from common.precision import Precision, make_precision
+from common.session import check_positive
+from common.tasks import ClassificationTask
+
+MARKS = {"pass": "\u2705", "fail": "\u274c", "skip": "\u2796"}  # check mark, cross, heavy minus
+ASCII_MARKS = {"pass": "[PASS]", "fail": "[FAIL]", "skip": "[SKIP]"}
+READY = "all checks passed: the model is ready for fine-tuning"
+INDENT = " " * 6
+
+
+@dataclass
+class Result:
+    status: str  # "pass" | "fail" | "skip"
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """The settings, and what the earlier checks found for the later ones."""
+    args: argparse.Namespace
+    given: set[str]                     # the flags typed on the command line
+    device: torch.device
+    precision: Precision
+    notices: list[str]
+    loaded: LoadedModel | None = None   # set by check 1 when the weights load
+    device_ok: bool = True              # check 2
+    num_classes: int | None = None      # check 3: the width of the output
+    forward_ok: bool = False            # check 3
+    weights_bytes: int | None = None    # CUDA: memory of the model on the GPU
+    forward_peak: int | None = None     # CUDA: peak memory of the forward pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", "--model", dest="model_path", metavar="FILE",
+                        help="the model file: best_model.pth / checkpoint.pth, or a file made elsewhere")
+    parser.add_argument("--data-dir", help="folder of class folders for the quick evaluation (optional)")
+    parser.add_argument("--batches", type=int, default=3, help="batches of the quick evaluation (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="batch size of the forward pass and the evaluation (default: 32)")
+    g = parser.add_argument_group("files made elsewhere (a toolkit checkpoint records all of this)")
+    g.add_argument("--arch", metavar="NAME", help="architecture of a plain state_dict (see gpu_train.py "
+                   "--list-models)")
+    g.add_argument("--num-classes", type=int, help="number of classes of a plain state_dict")
+    g.add_argument("--img-size", type=int, default=224, help="input size of such files (default: 224)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling (a whole pickled model); only for files you trust")
+    add_device_args(parser)
+    return parser
+
+
+def setup(argv: Sequence[str] | None) -> Run:
+    """Parse and check the command line; a bad one is exit code 2 before any check runs."""
+    parser = build_parser()
+    args, given = resolve(parser, argv)
+    if not args.model_path:
+        parser.error("the following arguments are required: --model-path (or --model)")
+    check_positive(args, "batches", "batch_size", "img_size")
+    if args.num_classes is not None:
+        check_positive(args, "num_classes")
+    if args.arch:
+        find_source(args.arch)  # an unknown name is a UserError with suggestions
+    notices: list[str] = []
+    device = select_device(args.device, args.gpu_id, args.no_gpu, log=notices.append)
+    set_memory_fraction(args.gpu_memory_fraction, device, notices.append)
+    precision = make_precision(device, args.amp, args.amp_dtype, notices.append)
+    return Run(args, given, device, precision, notices)
+
+
+# ---------------------------------------------------------------- 1. file integrity
+
+def check_integrity(run: Run) -> Result:
+    path = Path(run.args.model_path)
+    loaded, problem = _load(run, path)
+    if loaded is None:
+        return Result("fail", problem)
+    run.loaded = loaded
+    details = [f"file: {path} ({path.stat().st_size / 2**20:.1f} MiB), sha256 {sha256_of(path)}",
+               *_describe_model(loaded)]
+    bad = nonfinite_tensors(loaded.model)
+    if bad:
+        return Result("fail", f"non-finite weights (NaN/Inf) in {len(bad)} tensor(s): "
+                      f"{_names(bad, 8)}; use an earlier checkpoint", details)
+    details.append("weights: every floating-point tensor is finite")
+    return Result("pass", f"{_kind(loaded)}, {_architecture(loaded)}, {_count_params(loaded)} parameters",
+                  details + _ignored_flags(run))
+
+
+def _load(run: Run, path: Path) -> tuple[LoadedModel | None, str]:
+    """The model on the CPU, or None and the one-line reason it cannot be loaded."""
+    args = run.args
+    try:
+        loaded = load_for_inference(path, torch.device("cpu"), trust=args.trust_checkpoint, arch=args.arch,
+                                    num_classes=args.num_classes, img_size=args.img_size)
+    except UserError as exc:
+        return None, user_message(exc)
+    except KeyError as exc:  # a header with a missing entry: a damaged or hand-made file
+        return None, f"{path} has the {FORMAT} header but no {exc} entry; use another copy"
+    version = (loaded.checkpoint or {}).get("version", 0)
+    if isinstance(version, int) and version > VERSION:
+        return None, (f"{path} has checkpoint version {version}, newer than this toolkit's {VERSION}; "
+                      "update the toolkit")
+    return loaded, ""
+
+
+def _kind(loaded: LoadedModel) -> str:
+    if loaded.checkpoint is not None:
+        return f"{FORMAT} v{loaded.checkpoint.get('version', '?')}"
+    return "a plain state_dict" if loaded.spec is not None else "a whole pickled model"
+
+
+def _architecture(loaded: LoadedModel) -> str:
+    if loaded.spec is not None:
+        return f"{loaded.spec['name']} ({loaded.spec.get('source', '?')})"
+    return type(loaded.model).__name__
+
+
+def _count_params(loaded: LoadedModel) -> str:
+    return f"{sum(p.numel() for p in loaded.model.parameters()):,}"
+
+
+def _describe_model(loaded: LoadedModel) -> list[str]:
+    model, pre = loaded.model, loaded.preprocessing
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [f"parameters: {_count_params(loaded)} ({trainable:,} trainable); "
+             f"{len(model.state_dict())} tensors, names and shapes fit {_architecture(loaded)}"]
+    if loaded.checkpoint is not None:
+        ckpt = loaded.checkpoint
+        versions = ckpt.get("versions") or {}
+        lines.append(f"task: {loaded.task}, saved {ckpt.get('saved_at', '?')} with torch "
+                     f"{versions.get('torch', '?')}")
+    if loaded.classes:
+        lines.append(f"classes ({len(loaded.classes)}): {_names(loaded.classes, 10)}")
+    lines.append(f"input: {pre.get('channels', 3)} x {pre['img_size']} x {pre['img_size']}")
+    metrics = {k: v for k, v in ((loaded.checkpoint or {}).get("metrics") or {}).items()
+               if k not in {"lr", "epoch_time", "samples_per_s"}}
+    if metrics:
+        lines.append("metrics at save time: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return lines + loaded.notes
+
+
+def _ignored_flags(run: Run) -> list[str]:
+    if run.loaded is None or run.loaded.checkpoint is None:
+        return []
+    given = [f"--{name.replace('_', '-')}" for name in ("arch", "num_classes", "img_size")
+             if name in run.given]
+    if not given:
+        return []
+    return [f"notice: {', '.join(given)} ignored: the checkpoint records its architecture and input size"]
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf, with how many of each."""
+    found = []
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        if nan or inf:
+            counts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
+            found.append(f"{name} ({', '.join(c for c in counts if c)})")
+    return found
+
+
+def _names(items: Sequence[str], limit: int) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# ---------------------------------------------------------------- 2. device
+
+def check_device(run: Run) -> Result:
+    device, details = run.device, list(run.notices)
+    if device.type == "cuda":
+        return _cuda_device(run, details)
+    if device.type == "mps":
+        return Result("pass", "Apple GPU (mps)", details)
+    details.append(_why_cpu(run.args))
+    return Result("pass", f"CPU only ({torch.get_num_threads()} threads), no GPU in use: fine for this "
+                  "test, slow for fine-tuning", details)
+
+
+def _cuda_device(run: Run, details: list[str]) -> Result:
+    device = run.device
+    try:
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        torch.ones(8, device=device).sum().item()  # the GPU really runs a kernel
+    except RuntimeError as exc:
+        run.device_ok = False
+        return Result("fail", f"{device} is visible but does not work ({_short(exc)}); check the driver "
+                      "with nvidia-smi, or run with --no-gpu", details)
+    details += [f"memory: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
+                f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                f"compute capability {props.major}.{props.minor}, {torch.cuda.device_count()} GPU(s) visible"]
+    return Result("pass", describe(device).removeprefix("device: "), details)
+
+
+def _why_cpu(args: argparse.Namespace) -> str:
+    if torch.cuda.is_available():
+        return "a GPU is present but not used (--no-gpu or --device cpu)"
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build to use a GPU"
+    return (f"PyTorch is built with CUDA {torch.version.cuda} but sees no GPU "
+            "(no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides it)")
+
+
+# ---------------------------------------------------------------- 3. forward pass
+
+def check_forward(run: Run) -> Result:
+    if run.loaded is None:
+        return Result("skip", "needs a model that loads (check 1 failed)")
+    if not run.device_ok:
+        return Result("skip", "needs a working device (check 2 failed)")
+    pre, batch = run.loaded.preprocessing, run.args.batch_size
+    shape = (batch, int(pre.get("channels", 3)), int(pre["img_size"]), int(pre["img_size"]))
+    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        outputs = _forward(run, inputs)
+    except Exception as exc:  # the model's own code (a pickled model) may raise anything
+        hint = "; lower --batch-size" if isinstance(exc, torch.cuda.OutOfMemoryError) else ""
+        return Result("fail", f"input {tuple(shape)}: {type(exc).__name__}: {_short(exc)}{hint}")
+    return _check_outputs(run, shape, outputs)
+
+
+def _forward(run: Run, inputs: torch.Tensor) -> object:
+    device = run.device
+    model = run.loaded.model.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        run.weights_bytes = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), run.precision.autocast():
+        outputs = model(inputs.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        run.forward_peak = torch.cuda.max_memory_allocated(device)
+    return outputs
+
+
+def _check_outputs(run: Run, shape: tuple[int, ...], outputs: object) -> Result:
+    if not torch.is_tensor(outputs):
+        return Result("fail", f"the model returns {type(outputs).__name__}, not a tensor of class scores")
+    expected = run.loaded.num_classes
+    got = tuple(outputs.shape)
+    if outputs.dim() != 2 or got[0] != shape[0] or (expected is not None and got[1] != expected):
+        want = f"({shape[0]}, {expected})" if expected is not None else f"({shape[0]}, classes)"
+        return Result("fail", f"input {shape} gives output {got}, expected {want}")
+    bad = int((~torch.isfinite(outputs.float())).sum())
+    if bad:
+        return Result("fail", f"input {shape} gives output {got} with {bad} NaN/Inf value(s)")
+    run.num_classes, run.forward_ok = got[1], True
+    details = [] if expected is not None else [f"classes: {got[1]} (the width of the output)"]
+    return Result("pass", f"input {shape} -> output {got}, all finite", details)
+
+
+# ---------------------------------------------------------------- 4. quick evaluation
+
+def check_evaluation(run: Run) -> Result:
+    args = run.args
+    if not args.data_dir:
+        return Result("skip", "no --data-dir (pass a folder of class folders to measure accuracy)")
+    if not run.forward_ok:
+        return Result("skip", "needs a working forward pass (check 3)")
+    try:
+        samples, details = eval_samples(Path(args.data_dir), run)
+        workers = args.num_workers if args.num_workers is not None else default_num_workers(run.device)
+        loader = make_loader(ImageDataset(samples, eval_transform(run.loaded.preprocessing)),
+                             args.batch_size, train=False, num_workers=min(workers, args.batches),
+                             pin_memory=resolve_pin_memory(args.pin_memory, run.device))
+        task = ClassificationTask(run.num_classes)
+        totals = evaluate(run.loaded.model, task, loader, run.precision, run.device)
+    except UserError as exc:
+        return Result("fail", user_message(exc))
+    metrics, count = task.summarize(totals), int(totals["count"])
+    line = (f"accuracy {100 * metrics['acc']:.2f}% ({int(totals['correct'])}/{count} images, "
+            f"{len(loader)} batch(es)), loss {metrics['loss']:.4f}")
+    if not math.isfinite(metrics["loss"]):
+        return Result("fail", line + ": the loss is not finite", details)
+    return Result("pass", line, details)
+
+
+def eval_samples(data_dir: Path, run: Run) -> tuple[list[tuple[str, int]], list[str]]:
+    """A random sample (seed 0) of --batches x --batch-size images, labelled by class name."""
+    loaded, details = run.loaded, []
+    if loaded.checkpoint is not None and loaded.classes:
+        classes = loaded.classes
+        if data_dir.is_dir():
+            unknown = sorted(set(class_folders(data_dir)) - set(classes))
+            if unknown:
+                raise UserError(f"class folders in {data_dir} unknown to the model: {_names(unknown, 10)} "
+                                f"(the model knows: {_names(classes, 10)}); remove or rename them")
+        _, samples = scan_class_folders(data_dir, classes)
+    else:
+        classes, samples = scan_class_folders(data_dir)
+        if len(classes) > run.num_classes:
+            raise UserError(f"{data_dir} has {len(classes)} class folders but the model has "
+                            f"{run.num_classes} outputs; pass a folder with at most {run.num_classes}")
+        details.append("the file has no class names: the class folders in sorted order are labels "
+                       f"0..{len(classes) - 1} (as torchvision's ImageFolder numbers them)")
+    random.Random(0).shuffle(samples)
+    chosen = samples[: run.args.batches * run.args.batch_size]
+    details.insert(0, f"data: {len(chosen)} of {len(samples)} images in {data_dir} (random sample)")
+    return chosen, details
+
+
+# ---------------------------------------------------------------- 5. memory
+
+def check_memory(run: Run) -> Result:
+    if run.device.type == "cuda":
+        return _gpu_memory(run)
+    peak = peak_rss_bytes()
+    if peak is None:
+        return Result("skip", "process memory is unavailable on this platform")
+    return Result("pass", f"peak process memory (RSS) {_mib(peak)} (no GPU memory to measure on "
+                  f"{run.device.type})")
+
+
+def _gpu_memory(run: Run) -> Result:
+    if run.forward_peak is None:
+        return Result("skip", "needs a forward pass on the GPU (check 3)")
+    total = torch.cuda.get_device_properties(run.device).total_memory
+    share = run.forward_peak / total
+    details = [f"weights on the GPU: {_mib(run.weights_bytes or 0)}"]
+    if share > 0.3:
+        details.append("notice: training needs several times the memory of a forward pass; "
+                       "fine-tune with a smaller --batch-size or --amp")
+    return Result("pass", f"peak GPU memory of the forward pass {_mib(run.forward_peak)} at batch size "
+                  f"{run.args.batch_size} ({100 * share:.1f}% of {total / 2**30:.1f} GiB)", details)
+
+
+def peak_rss_bytes(status_file: Path = Path("/proc/self/status")) -> int | None:
+    """The process's peak resident memory: getrusage, else VmHWM in /proc/self/status, else None."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB elsewhere
+    try:
+        lines = status_file.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+# ---------------------------------------------------------------- output
+
+CHECKS: tuple[tuple[str, Callable[[Run], Result]], ...] = (
+    ("file integrity", check_integrity), ("device", check_device), ("forward pass", check_forward),
+    ("quick evaluation", check_evaluation), ("memory", check_memory))
+
+
+def pick_marks(stream: object) -> dict[str, str]:
+    """Emoji marks, or ASCII ones where the stream's encoding cannot write them (cp936, ascii)."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    try:
+        "".join(MARKS.values()).encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return ASCII_MARKS
+    return MARKS
+
+
+def emit(text: str) -> None:
+    """Print one line; characters the console cannot encode (in a path, say) become '?'."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "replace").decode(encoding)
+    except LookupError:  # an unknown codec name: print as is
+        text = str(text)
+    print(text, flush=True)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    run = setup(argv)
+    marks = pick_marks(sys.stdout)
+    emit(f"testing {run.args.model_path}")
+    results = []
+    for number, (name, check) in enumerate(CHECKS, 1):
+        result = check(run)
+        results.append((name, result))
+        emit(f"{marks[result.status]} {number}. {name}: {result.summary}")
+        for line in result.details:
+            emit(INDENT + line)
+    failed = [name for name, r in results if r.status == "fail"]
+    if not failed:
+        emit(f"{marks['pass']} {READY}")
+        return 0
+    skipped = sum(r.status == "skip" for _, r in results)
+    emit(f"{marks['fail']} {len(failed)} of {len(CHECKS)} checks failed ({', '.join(failed)}), {skipped} "
+         "skipped: the model is not ready for fine-tuning")
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
