@@ -41,6 +41,17 @@ def model_for(mode: str) -> torch.nn.Module:
     return TinyMLP(3, pool=4, hidden=16)
 
 
+ALL_REDUCES = {"n": 0}
+
+
+def counting_allreduce(state, bucket):
+    """DDP's default all-reduce, counted: shows that no_sync skips the non-final micro-steps."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    ALL_REDUCES["n"] += 1
+    return allreduce_hook(state, bucket)
+
+
 def train(mode: str, batch: int, accumulate: int, rank: int, world: int) -> torch.nn.Module:
     plain = model_for(mode)
     model = plain
@@ -48,6 +59,7 @@ def train(mode: str, batch: int, accumulate: int, rank: int, world: int) -> torc
         if mode == "syncbn":
             plain = model = convert_sync_batchnorm(plain, CPU)
         model = wrap_ddp(plain, CPU)
+        model.register_comm_hook(None, counting_allreduce)
     loader = make_loader(dataset(), batch, train=True, num_workers=0, pin_memory=False, seed=5,
                          rank=rank, world_size=world)
     opt = torch.optim.SGD(plain.parameters(), lr=0.1)
@@ -66,9 +78,11 @@ def main() -> None:
     init_process_group(ctx, CPU, 60)
     try:
         for mode, (batch, accumulate) in MODES.items():
+            ALL_REDUCES["n"] = 0
             plain = train(mode, batch, accumulate, ctx.rank, ctx.world_size)
             if ctx.is_main:
                 torch.save(plain.state_dict(), out / f"{mode}.pt")
+                (out / f"{mode}.allreduces").write_text(str(ALL_REDUCES["n"]))
     finally:
         destroy_process_group()
 
