@@ -75,13 +75,16 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int,
-                      lr: float) -> None:
+                      lr: float, short_flags: bool = False) -> None:
+    """short_flags: the U-Net guide's -b, -e and -l/--learning-rate as well."""
     g = parser.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=batch_size,
+    short = {"b": ["-b"], "e": ["-e"], "l": ["-l", "--learning-rate"]} if short_flags else {}
+    g.add_argument(*short.get("b", []), "--batch-size", type=int, default=batch_size,
                    help=f"batch size per process (default: {batch_size})")
-    g.add_argument("--epochs", type=int, default=epochs,
+    g.add_argument(*short.get("e", []), "--epochs", type=int, default=epochs,
                    help=f"total number of epochs (default: {epochs}); with --resume, the new total")
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default: {lr})")
+    g.add_argument(*short.get("l", []), "--lr", type=float, default=lr, dest="lr",
+                   help=f"learning rate (default: {lr})")
     g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default: 0.01)")
     g.add_argument("--optimizer", choices=["adamw", "sgd", "adam"], default="adamw",
                    help="optimizer (default: adamw)")

@@ -173,3 +173,12 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_png(picture, path: Path) -> None:
+    """An HxWx3 uint8 array as a PNG, written atomically."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(picture).save(tmp)
+    os.replace(tmp, path)

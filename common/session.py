@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .reporting import (
 )
 
 RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
-             "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png")
+             "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png", "val_samples.png")
 
 
 @dataclass
@@ -105,6 +106,7 @@ def open_output(s: Session, resuming: bool) -> None:
 def _archive_previous_run(output: Path) -> None:
     """A new run in a folder that holds an earlier run moves that run aside, never over it."""
     present = [name for name in RUN_FILES if (output / name).exists()]
+    present += [p.name for p in output.glob("checkpoint_epoch*.pth")]
     if not present:
         return
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -128,11 +130,14 @@ class EpochWriter:
 
     def __init__(self, session: Session, model: nn.Module, *, task: str,
                  model_spec: dict[str, Any], meta: dict[str, Any], optimizer: torch.optim.Optimizer,
-                 schedule: Schedule, epochs: int, extra_state: Callable[[], dict] | None = None):
+                 schedule: Schedule, epochs: int, extra_state: Callable[[], dict] | None = None,
+                 keep_last: int | None = None, extra_output: Callable | None = None):
+        """keep_last: also keep checkpoint_epoch{N}.pth, the last K of them (0: all).
+        extra_output(state, tensorboard): task-specific output after each epoch (rank 0)."""
         self.s = session
         self.model, self.task, self.spec, self.meta = model, task, model_spec, meta
         self.optimizer, self.schedule, self.epochs = optimizer, schedule, epochs
-        self.extra_state = extra_state
+        self.extra_state, self.keep_last, self.extra_output = extra_state, keep_last, extra_output
         self.tb = None
 
     def __call__(self, state: TrainState, record: dict[str, float], improved: bool) -> None:
@@ -142,6 +147,8 @@ class EpochWriter:
             train_state = self.train_state(state)
             out = self.s.output
             ckpt_lib.atomic_save(self._payload(metrics, config, train_state), out / "checkpoint.pth")
+            if self.keep_last is not None:
+                self._epoch_copy(state.epoch)
             if improved:
                 ckpt_lib.atomic_save(self._payload(metrics, config, None), out / "best_model.pth")
             write_metrics_csv(state.history, out / "metrics.csv")
@@ -149,8 +156,22 @@ class EpochWriter:
                 self.tb = TensorBoard(out / "tensorboard", self.s.log, purge_step=state.epoch)
             self.tb.scalars(record)
             plot_curves(state.history, out / "curves.png")
+            if self.extra_output is not None:
+                self.extra_output(state, self.tb)
             self.s.log(format_epoch(record, self.epochs, improved))
         barrier()
+
+    def _epoch_copy(self, epoch: int) -> None:
+        """checkpoint_epoch{N}.pth (a resumable copy), pruned to the last keep_last files."""
+        out = self.s.output
+        tmp = out / f".checkpoint_epoch{epoch}.pth.copy.tmp"
+        shutil.copyfile(out / "checkpoint.pth", tmp)
+        os.replace(tmp, out / f"checkpoint_epoch{epoch}.pth")
+        if self.keep_last:
+            copies = sorted(out.glob("checkpoint_epoch*.pth"),
+                            key=lambda p: int(p.stem.removeprefix("checkpoint_epoch") or 0))
+            for old in copies[: -self.keep_last]:
+                old.unlink(missing_ok=True)
 
     def _payload(self, metrics, config, train_state) -> dict[str, Any]:
         return ckpt_lib.make_payload(self.model, task=self.task, model_spec=self.spec, meta=self.meta,

@@ -29,6 +29,8 @@ class Job:
     val_loader: Any
     channels_last: bool = False
     summary: Callable[[TrainState], str] | None = None  # the closing line
+    keep_last: int | None = None  # keep checkpoint_epoch{N}.pth files (see EpochWriter)
+    extra_output: Callable | None = None  # e.g. an image grid per epoch
 
 
 def scaled_lr(args: argparse.Namespace, s: Session) -> float:
@@ -62,7 +64,8 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
     writer = EpochWriter(s, job.plain, task=job.task.name, model_spec=job.spec, meta=job.meta,
                          optimizer=optimizer, schedule=schedule, epochs=args.epochs,
                          extra_state=lambda: memory_state(job.plain, args.batch_size,
-                                                          args.accumulate_grad_batches, step_cfg.splits))
+                                                          args.accumulate_grad_batches, step_cfg.splits),
+                         keep_last=job.keep_last, extra_output=job.extra_output)
     try:
         fit(job.model, job.task, job.train_loader, job.val_loader, optimizer, schedule, s.precision,
             s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,

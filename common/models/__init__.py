@@ -14,10 +14,12 @@ from torch import nn
 
 from ..errors import UserError
 from .small import SmallCNN, TinyMLP
+from .unet import UNet
 
 LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "tiny_mlp": TinyMLP,
+    "unet": UNet,
 }
 
 
@@ -53,10 +55,11 @@ def find_source(name: str) -> str:
 
 
 def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: bool = False,
-                source: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The model and the spec that rebuilds it (pretrained weights are not part of the spec)."""
+                source: str | None = None, **extra: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and the spec that rebuilds it (pretrained weights are not part of the spec).
+    `extra`: further constructor arguments (plain values), kept in the spec."""
     source = source or find_source(name)
-    kwargs: dict[str, Any] = {"num_classes": int(num_classes)}
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes), **extra}
     if in_chans != 3:
         kwargs["in_chans"] = int(in_chans)
     spec = {"name": name, "source": source, "kwargs": kwargs}

@@ -1,0 +1,154 @@
+"""Segmentation recipe (train_unet.py): its flags, its data, the U-Net, and train()."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_lib
+from .cli import add_device_args, add_runtime_args, add_training_args, inheritable, resolve
+from .data import segmentation as seg
+from .data.loaders import make_loader
+from .device import resolve_channels_last
+from .distributed import barrier, destroy_process_group, wrap_ddp
+from .errors import UserError
+from .models import build_model, load_weights_file
+from .reporting import save_png
+from .session import Session, check_positive, start_session
+from .tasks import SegmentationTask
+from .trainer import Job, run_job
+
+TASK = "segmentation"
+
+
+def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
+    d = parser.add_argument_group("data")
+    d.add_argument("--data-dir", default="data/", help="folder with imgs/ and masks/ (default: data/)")
+    d.add_argument("-s", "--scale", type=float, default=0.5, help="downscaling factor of the images (0.5)")
+    d.add_argument("-v", "--validation", type=float, default=10.0,
+                   help="percent of the pairs used for validation (default: 10.0)")
+    d.add_argument("-c", "--classes", type=int, default=2, help="number of classes (default: 2)")
+    d.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
+                   help="check every image and mask before epoch 1 (default: fast)")
+    d.add_argument("--demo", action="store_true",
+                   help="write a generated set of ellipses and rectangles to --data-dir and train on it")
+    m = parser.add_argument_group("model")
+    m.add_argument("--bilinear", action="store_true", help="bilinear upsampling (default: transposed conv)")
+    m.add_argument("--width", type=int, default=64, help="channels of the first U-Net block (default: 64)")
+    m.add_argument("-f", "--load", metavar="PATH",
+                   help="start from weights: a checkpoint of this toolkit or another U-Net trainer's .pth")
+    o = parser.add_argument_group("output")
+    o.add_argument("--output", default="checkpoints/", help="output folder (default: checkpoints/)")
+    o.add_argument("--keep-last", type=int, default=0,
+                   help="keep only the last K checkpoint_epoch{N}.pth files (default: 0, keep all)")
+    add_training_args(parser, batch_size=1, epochs=5, lr=1e-5, short_flags=True)
+    parser.set_defaults(early_stopping_patience=10, min_delta=0.001, weight_decay=1e-8)
+    add_device_args(parser)
+    add_runtime_args(parser)
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
+    """defaults < --config < checkpoint (--resume) < command line."""
+    first, _ = resolve(parser, argv)
+    if not first.resume:
+        return first, None
+    ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
+    layers = [inheritable(ckpt.get("config", {}), parser), {"output": str(Path(first.resume).parent)}]
+    return resolve(parser, argv, layers)[0], ckpt
+
+
+def build_data(args: argparse.Namespace, s: Session):
+    data_dir = Path(args.data_dir)
+    if args.demo:
+        if s.is_main:
+            seg.make_shapes_dataset(data_dir)
+        barrier()
+    pairs = seg.find_pairs(data_dir, log=s.log)
+    mask_values = seg.check_pairs(pairs, args.check_images, show_progress=s.is_main)
+    seg.check_classes(mask_values, args.classes)
+    train, val = seg.split_pairs(pairs, args.validation, args.seed)
+    loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
+                   "rank": s.ctx.rank, "world_size": s.ctx.world_size}
+    train_set = seg.SegmentationDataset(train, mask_values, args.scale, augment=True)
+    val_set = seg.SegmentationDataset(val, mask_values, args.scale, augment=False)
+    s.log(f"data: {data_dir}: {len(train)} train / {len(val)} val pairs, mask values {mask_values}, "
+          f"scale {args.scale}")
+    return (make_loader(train_set, args.batch_size, train=True, seed=args.seed, **loader_args),
+            make_loader(val_set, args.batch_size, train=False, **loader_args), mask_values, val_set)
+
+
+def build_unet(args: argparse.Namespace, s: Session, channels_last: bool):
+    model, spec = build_model("unet", args.classes, bilinear=bool(args.bilinear), base=int(args.width))
+    if args.load:
+        load_weights_file(model, args.load, s.log)
+    model.to(s.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    s.log(f"model: U-Net ({'bilinear' if args.bilinear else 'transposed conv'} upsampling, width "
+          f"{args.width}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    trained = wrap_ddp(model, s.device) if s.ctx.enabled else model
+    return (torch.compile(trained) if args.compile else trained), model, spec
+
+
+def sample_grid(model: torch.nn.Module, task: SegmentationTask, images: torch.Tensor,
+                masks: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Rows of input | true mask | predicted mask, as one uint8 RGB picture."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        pred = task.predictions(model(images.to(device))).cpu()
+    model.train(was_training)
+    top = max(task.num_classes - 1, 1)
+    rows = []
+    for img, true, guess in zip(images, masks, pred, strict=True):
+        picture = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+        if picture.shape[2] == 1:
+            picture = np.repeat(picture, 3, axis=2)
+        as_rgb = [np.repeat((m.numpy() * 255 // top).astype(np.uint8)[..., None], 3, axis=2)
+                  for m in (true, guess)]
+        rows.append(np.concatenate([picture, *as_rgb], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def train(args: argparse.Namespace, ckpt: dict | None) -> int:
+    check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval", "classes")
+    if not 0 < args.scale <= 1:
+        raise UserError(f"-s/--scale must be in (0, 1], got {args.scale}")
+    s = start_session(args, Path(args.output))
+    try:
+        return _train(args, ckpt, s)
+    finally:
+        destroy_process_group()
+
+
+def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
+    train_loader, val_loader, mask_values, val_set = build_data(args, s)
+    if ckpt is not None and ckpt.get("mask_values") != mask_values:
+        raise UserError(f"mask values in {args.resume} ({ckpt.get('mask_values')}) differ from those of "
+                        f"{args.data_dir} ({mask_values}); resume on the same data")
+    channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
+    model, plain, spec = build_unet(args, s, channels_last)
+    task = SegmentationTask(args.classes)
+    samples = [val_set[i] for i in range(min(4, len(val_set)))]
+    images = torch.stack([x for x, _ in samples])
+    masks = torch.stack([y for _, y in samples])
+
+    def extra_output(state, tb) -> None:
+        grid = sample_grid(plain, task, images, masks, s.device)
+        save_png(grid, s.output / "val_samples.png")
+        if tb is not None and tb.writer is not None:
+            tb.writer.add_image("val/input_true_predicted", grid, state.epoch, dataformats="HWC")
+
+    meta: dict[str, Any] = {"mask_values": mask_values, "classes": [str(v) for v in mask_values],
+                            "preprocessing": seg.preprocessing(args.scale)}
+    job = Job(task=task, model=model, plain=plain, spec=spec, meta=meta, train_loader=train_loader,
+              val_loader=val_loader, channels_last=channels_last, keep_last=args.keep_last,
+              extra_output=extra_output,
+              summary=lambda st: (f"done: best val Dice {st.best_metric:.4f} at epoch {st.best_epoch}; "
+                                  f"best model {s.output / 'best_model.pth'}"))
+    args.restore_best = True
+    run_job(args, s, job, ckpt)
+    return 0

@@ -1,0 +1,40 @@
+"""Train a U-Net for image segmentation on data/imgs + data/masks.
+
+    python train_unet.py --demo -e 10 -b 8 -l 1e-3 --scale 1 --width 16   # generated shapes, CPU
+    python train_unet.py -e 50 -b 1 -l 1e-4 --amp -s 0.25 --bilinear --accumulate-grad-batches 8
+    python train_unet.py -e 80 -b 4 -l 1e-4 --amp -s 0.5 --accumulate-grad-batches 2
+    python train_unet.py --resume checkpoints/checkpoint.pth -e 100
+
+Images and masks pair by file stem (a mask may carry a suffix such as _mask). Mask values
+(0/1, 0/255, palettes, class indices) are found across the set and stored in the checkpoint.
+Outputs in --output (default checkpoints/): checkpoint.pth and checkpoint_epoch{N}.pth (resume),
+best_model.pth (best val Dice), training.log, metrics.csv, tensorboard/, curves.png,
+val_samples.png (input | true mask | predicted mask). On a CUDA out-of-memory error training
+turns on gradient checkpointing, then halves the micro-batch, and goes on.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from common.cli import new_parser
+from common.errors import run_cli
+from common.segment import add_segmentation_args, resolve_args, train
+
+
+def build_parser():
+    parser = new_parser(__doc__.split("\n\n")[0])
+    add_segmentation_args(parser)
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args, ckpt = resolve_args(build_parser(), argv)
+    return train(args, ckpt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
