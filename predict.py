@@ -1,8 +1,9 @@
-"""Run a saved model on image files: the top classes with their probabilities.
+"""Run a saved model on image files: the top classes with their probabilities, or masks.
 
     python predict.py --model ./output/best_model.pth --input photo.jpg
     python predict.py -m best_model.pth -i ./new_images "shots/*.png" --topk 3 --output results.csv
     python predict.py -m best_model.pth -i ./new_images --output results.json --amp
+    python predict.py -m checkpoints/best_model.pth -i image1.jpg image2.jpg -o out1.png out2.png -v
 
 Classes and preprocessing come from the checkpoint, exactly as validate.py prepares images.
 --input takes files, folders (searched recursively) and glob patterns. Files that cannot be
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common import segment_predict
 from common.cli import add_device_args, new_parser, resolve
 from common.data.images import eval_transform, load_rgb
 from common.errors import UserError, run_cli
@@ -33,8 +35,17 @@ def build_parser():
                         help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    parser.add_argument("-o", "--output", metavar="FILE",
-                        help="write the predictions to FILE.csv or FILE.json")
+    parser.add_argument("-o", "--output", nargs="+", metavar="FILE",
+                        help="classification: FILE.csv or FILE.json of the predictions; "
+                             "segmentation: one mask file per input (default <name>_OUT.png)")
+    g = parser.add_argument_group("segmentation checkpoints (U-Net)")
+    g.add_argument("-s", "--scale", type=float, default=None, help="image scale (default: the checkpoint's)")
+    g.add_argument("-t", "--mask-threshold", type=float, default=0.5,
+                   help="probability above which a pixel is foreground, one-class models (0.5)")
+    g.add_argument("-v", "--viz", action="store_true", help="also write a coloured overlay beside each mask")
+    g.add_argument("-n", "--no-save", action="store_true", help="do not write the masks")
+    g.add_argument("-c", "--classes", type=int, default=None, help="accepted, read from the checkpoint")
+    g.add_argument("--bilinear", action="store_true", help="accepted, read from the checkpoint")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
     add_device_args(parser)
@@ -103,21 +114,31 @@ def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)
     if args.topk < 1 or args.batch_size < 1:
         raise UserError("--topk and --batch-size must be 1 or more")
-    if args.output and Path(args.output).suffix.lower() not in {".csv", ".json"}:
-        raise UserError(f"--output {args.output}: use a .csv or .json file name")
     paths = gather_inputs(args.input)
     s = start_session(args, None)
-    loaded = load_for_inference(args.model, s.device, trust=args.trust_checkpoint)
+    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation"),
+                                trust=args.trust_checkpoint)
+    if loaded.task == "segmentation":
+        return segment_predict.run(loaded, paths, args, s)
+    output = _results_file(args.output)
     results = predict(loaded, paths, s, args.batch_size, args.topk)
     for r in results:
         shown = ", ".join(f"{p['label']} ({p['probability']:.4f})" for p in r["predictions"])
         print(f"{r['path']}: {shown}" if not r["error"] else f"{r['path']}: unreadable ({r['error']})")
     bad = sum(1 for r in results if r["error"])
     print(f"{len(results) - bad} image(s) predicted" + (f", {bad} unreadable and skipped" if bad else ""))
-    if args.output:
-        write_results(results, Path(args.output))
-        print(f"predictions: {args.output}")
+    if output:
+        write_results(results, output)
+        print(f"predictions: {output}")
     return 0
+
+
+def _results_file(outputs: Sequence[str] | None) -> Path | None:
+    if not outputs:
+        return None
+    if len(outputs) != 1 or Path(outputs[0]).suffix.lower() not in {".csv", ".json"}:
+        raise UserError(f"--output {' '.join(outputs)}: for a classifier give one .csv or .json file")
+    return Path(outputs[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,8 +90,8 @@ def test_missing_input_and_bad_output_name(trained, tmp_path, capsys):
     capsys.readouterr()
     assert predict.main(["-m", str(model), "-i", str(tmp_path / "nope.jpg")]) == 2
     assert "nope.jpg does not exist" in error_line(capsys)
-    assert predict.main(["-m", str(model), "-i", str(tmp_path), "-o", "r.txt"]) == 2
-    assert ".csv or .json" in error_line(capsys)
+    assert predict.main(["-m", str(model), "-i", str(trained[1] / "val"), "-o", "r.txt"]) == 2
+    assert "one .csv or .json file" in error_line(capsys)
 
 
 class Planted:
