@@ -1,8 +1,9 @@
-"""Evaluate a saved classifier on a folder of class folders.
+"""Evaluate a saved model: a classifier on class folders, or a U-Net on imgs/ + masks/.
 
     python validate.py --model ./output/best_model.pth --data-dir ./dataset/test
     python validate.py --model ./output/best_model.pth --data-dir ./dataset/val \
         --results-file results.json --output-dir ./report
+    python validate.py --model checkpoints/best_model.pth --data-dir data/   # Dice and IoU
 
 Model, classes and preprocessing come from the checkpoint. Prints loss, top-1 (top-5 with more
 than 5 classes) and per-class precision/recall/F1; writes confusion_matrix.png (beside the
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from common.cli import add_device_args, new_parser, resolve
+from common.data import segmentation as seg
 from common.data.images import ImageDataset, check_images, class_folders, eval_transform, scan_class_folders
 from common.data.loaders import make_loader
 from common.engine import evaluate
@@ -25,7 +27,7 @@ from common.inference import load_for_inference
 from common.metrics import per_class_scores
 from common.reporting import plot_confusion_matrix
 from common.session import start_session
-from common.tasks import ClassificationTask
+from common.tasks import ClassificationTask, SegmentationTask
 
 
 def build_parser():
@@ -74,10 +76,35 @@ def report(metrics: dict, scores: dict, classes: Sequence[str], count: int) -> s
     return "\n".join(lines)
 
 
+def validate_segmentation(loaded, args, s) -> int:
+    """Dice and IoU (per image, averaged) on data-dir/imgs + data-dir/masks, at the checkpoint's
+    scale; mask values come from the checkpoint (an unknown value is an error naming the file)."""
+    pairs = seg.find_pairs(Path(args.data_dir))
+    seg.check_pairs(pairs, args.check_images, show_progress=True)
+    mask_values = loaded.checkpoint["mask_values"]
+    dataset = seg.SegmentationDataset(pairs, mask_values, loaded.preprocessing.get("scale", 0.5))
+    loader = make_loader(dataset, args.batch_size, train=False, num_workers=s.num_workers,
+                         pin_memory=s.pin_memory)
+    task = SegmentationTask(loaded.spec["kwargs"]["num_classes"])
+    metrics = task.summarize(evaluate(loaded.model, task, loader, s.precision, s.device,
+                                      show_progress=True))
+    print(f"pairs: {len(pairs)}\nloss: {metrics['loss']:.4f}\nDice: {metrics['dice']:.4f}\n"
+          f"IoU: {metrics['iou']:.4f}")
+    if args.results_file:
+        result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "pairs": len(pairs),
+                  "metrics": metrics, "mask_values": mask_values}
+        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"results: {args.results_file}")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)
     s = start_session(args, None)
-    loaded = load_for_inference(args.model, s.device, trust=args.trust_checkpoint)
+    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation"),
+                                trust=args.trust_checkpoint)
+    if loaded.task == "segmentation":
+        return validate_segmentation(loaded, args, s)
     classes = loaded.classes or []
     samples = load_samples(Path(args.data_dir), classes, args)
     loader = make_loader(ImageDataset(samples, eval_transform(loaded.preprocessing)), args.batch_size,

@@ -1,0 +1,144 @@
+"""train_unet.py end to end on generated shapes, masks from predict.py, validate.py's Dice,
+and the guide's accumulation promise for segmentation."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import predict
+import train_unet
+import validate
+from common.checkpoint import load_checkpoint
+from common.data.segmentation import make_shapes_dataset
+from common.engine import StepConfig, TrainState, train_one_epoch
+from common.optim import Schedule
+from common.precision import make_precision
+from common.tasks import SegmentationTask
+
+FAST = ["-s", "1", "--width", "8", "-l", "3e-3", "--num-workers", "0", "--log-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data", n=24, size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unet") / "checkpoints"
+    assert train_unet.main(["--data-dir", str(shapes), "--output", str(out), "-e", "3", "-b", "4",
+                            "-v", "25", "--keep-last", "2", *FAST]) == 0
+    return out
+
+
+def test_outputs_and_checkpoint_contents(trained):
+    for name in ("checkpoint.pth", "best_model.pth", "metrics.csv", "training.log", "curves.png",
+                 "val_samples.png", "config.json"):
+        assert (trained / name).is_file(), name
+    assert sorted(p.name for p in trained.glob("checkpoint_epoch*.pth")) == [
+        "checkpoint_epoch2.pth", "checkpoint_epoch3.pth"]  # --keep-last 2
+    ckpt = load_checkpoint(trained / "best_model.pth", task="segmentation")
+    assert ckpt["mask_values"] == [0, 255]
+    assert ckpt["model"]["kwargs"] == {"num_classes": 2, "bilinear": False, "base": 8}
+    assert ckpt["preprocessing"]["scale"] == 1.0
+    resumable = load_checkpoint(trained / "checkpoint_epoch3.pth", need_train_state=True)
+    assert resumable["train_state"]["epoch"] == 3
+    grid = Image.open(trained / "val_samples.png")
+    assert grid.width == 3 * 32  # input | true mask | predicted mask
+
+
+def test_validate_reports_dice_and_predict_writes_masks(trained, shapes, tmp_path, capsys):
+    results = tmp_path / "v.json"
+    assert validate.main(["--model", str(trained / "best_model.pth"), "--data-dir", str(shapes),
+                          "--results-file", str(results), "--num-workers", "0"]) == 0
+    metrics = json.loads(results.read_text())["metrics"]
+    assert 0.0 <= metrics["iou"] <= metrics["dice"] <= 1.0
+    image = sorted((shapes / "imgs").iterdir())[0]
+    out = tmp_path / "mask.png"
+    capsys.readouterr()
+    assert predict.main(["-m", str(trained / "best_model.pth"), "-i", str(image), "-o", str(out), "-v"]) == 0
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}  # original values and size
+    assert (tmp_path / "mask_viz.png").is_file()
+    assert "foreground" in capsys.readouterr().out
+    assert predict.main(["-m", str(trained / "best_model.pth"), "-i", str(image), "-c", "3"]) == 2
+    assert "-c 3 contradicts" in capsys.readouterr().err
+
+
+def test_default_output_name_and_no_save(trained, shapes, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.open(sorted((shapes / "imgs").iterdir())[1]).save(image)
+    assert predict.main(["-m", str(trained / "best_model.pth"), "-i", str(image), "-n"]) == 0
+    assert not (tmp_path / "photo_OUT.png").exists()
+    assert predict.main(["-m", str(trained / "best_model.pth"), "-i", str(image)]) == 0
+    assert (tmp_path / "photo_OUT.png").is_file()
+
+
+def test_load_accepts_another_trainers_state_dict_with_mask_values(trained, shapes, tmp_path, capsys):
+    state = load_checkpoint(trained / "best_model.pth")["state_dict"]
+    foreign = tmp_path / "other_unet.pth"
+    torch.save({**state, "mask_values": [0, 1]}, foreign)
+    capsys.readouterr()
+    assert train_unet.main(["--data-dir", str(shapes), "--output", str(tmp_path / "o"), "-e", "1",
+                            "-b", "4", "-f", str(foreign), *FAST]) == 0
+    assert f"weights: loaded {len(state)}/{len(state)} tensors from {foreign}" in capsys.readouterr().out
+
+
+def test_bad_segmentation_input_is_one_line(shapes, tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    (data / "masks").mkdir()
+    Image.new("RGB", (20, 20)).save(data / "imgs" / "lonely.png")
+    Image.new("RGB", (20, 20)).save(data / "imgs" / "paired.png")
+    Image.new("L", (20, 20)).save(data / "masks" / "paired_mask.png")
+    capsys.readouterr()
+    assert train_unet.main(["--data-dir", str(data), "--output", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "lonely" in err and "Traceback" not in err
+    assert train_unet.main(["--data-dir", str(shapes), "--output", str(tmp_path / "o"), "-c", "3",
+                            *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "-c" in err
+    assert not (tmp_path / "o").exists()
+
+
+class TinySeg(nn.Module):
+    """Convolutions without batch norm: batch splits give identical updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_b2_with_accumulation_4_equals_b8_including_a_short_last_group():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(44, 3, 16, 16, generator=g), torch.randint(0, 2, (44, 16, 16), generator=g)
+    torch.manual_seed(0)
+    small, big = TinySeg(), None
+    big = copy.deepcopy(small)
+
+    def run(model, batch, accumulate):
+        data = [(x[i:i + batch], y[i:i + batch]) for i in range(0, 44, batch)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        steps = -(-len(data) // accumulate)
+        state = TrainState()
+        train_one_epoch(model, SegmentationTask(2), data, opt, Schedule(opt, "none", epochs=1,
+                        steps_per_epoch=steps), make_precision(torch.device("cpu"), amp=False),
+                        torch.device("cpu"), StepConfig(accumulate=accumulate, show_progress=False), state)
+        return state.step
+
+    # 44 samples: -b 8 gives 5 batches of 8 and a short one of 4; -b 2 x 4 gives the same 6
+    # groups (the last one of 2 micro-batches, weighted by its real size)
+    assert run(small, 2, 4) == 6 and run(big, 8, 1) == 6
+    for a, b in zip(small.parameters(), big.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
