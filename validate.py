@@ -81,7 +81,9 @@ def validate_segmentation(loaded, args, s) -> int:
     scale; mask values come from the checkpoint (an unknown value is an error naming the file)."""
     pairs = seg.find_pairs(Path(args.data_dir))
     seg.check_pairs(pairs, args.check_images, show_progress=True)
-    mask_values = loaded.checkpoint["mask_values"]
+    mask_values = (loaded.checkpoint or {}).get("mask_values")
+    if not mask_values:
+        raise UserError(f"{args.model} has no mask values; use a checkpoint written by train_unet.py")
     dataset = seg.SegmentationDataset(pairs, mask_values, loaded.preprocessing.get("scale", 0.5))
     loader = make_loader(dataset, args.batch_size, train=False, num_workers=s.num_workers,
                          pin_memory=s.pin_memory)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,16 +25,15 @@ from .data.images import (
 )
 from .data.loaders import make_loader
 from .device import resolve_channels_last
-from .distributed import barrier, convert_sync_batchnorm, destroy_process_group, restart_count, wrap_ddp
+from .distributed import barrier, restart_count
 from .errors import UserError
 from .models import build_model, list_models, load_weights_file
 from .session import (
     Session,
     check_positive,
-    start_session,
 )
 from .tasks import ClassificationTask
-from .trainer import Job, run_job
+from .trainer import Job, in_session, place_model, run_job
 
 TASK = "classification"
 DEMO_PRESET = {"model": "small_cnn", "img_size": 64, "epochs": 12, "batch_size": 32, "lr": 3e-3,
@@ -191,15 +189,8 @@ def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
     model, spec = build_model(args.model, num_classes, pretrained=args.pretrained)
     if args.weights:
         load_weights_file(model, args.weights, s.log)
-    if args.sync_bn and s.ctx.enabled:
-        model = convert_sync_batchnorm(model, s.device)
-    model.to(s.device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    s.log(f"model: {args.model} ({spec['source']}), "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    trained = wrap_ddp(model, s.device) if s.ctx.enabled else model
-    return (torch.compile(trained) if args.compile else trained), model, spec
+    trained, plain = place_model(model, args, s, channels_last, f"{args.model} ({spec['source']})")
+    return trained, plain, spec
 
 
 def train(args: argparse.Namespace, ckpt: dict | None) -> int:
@@ -208,11 +199,7 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
             print(f"{source} ({len(names)}): {' '.join(names)}")
         return 0
     check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval")
-    s = start_session(args, Path(args.output))
-    try:
-        return _train(args, ckpt, s)
-    finally:
-        destroy_process_group()
+    return in_session(args, ckpt, _train)
 
 
 def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:

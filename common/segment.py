@@ -13,13 +13,13 @@ from .cli import add_device_args, add_runtime_args, add_training_args, inheritab
 from .data import segmentation as seg
 from .data.loaders import make_loader
 from .device import resolve_channels_last
-from .distributed import barrier, destroy_process_group, wrap_ddp
+from .distributed import barrier
 from .errors import UserError
 from .models import build_model, load_weights_file
 from .reporting import save_png
-from .session import Session, check_positive, start_session
+from .session import Session, check_positive
 from .tasks import SegmentationTask
-from .trainer import Job, run_job
+from .trainer import Job, in_session, place_model, run_job
 
 TASK = "segmentation"
 
@@ -84,13 +84,10 @@ def build_unet(args: argparse.Namespace, s: Session, channels_last: bool):
     model, spec = build_model("unet", args.classes, bilinear=bool(args.bilinear), base=int(args.width))
     if args.load:
         load_weights_file(model, args.load, s.log)
-    model.to(s.device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    s.log(f"model: U-Net ({'bilinear' if args.bilinear else 'transposed conv'} upsampling, width "
-          f"{args.width}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    trained = wrap_ddp(model, s.device) if s.ctx.enabled else model
-    return (torch.compile(trained) if args.compile else trained), model, spec
+    upsampling = "bilinear" if args.bilinear else "transposed conv"
+    trained, plain = place_model(model, args, s, channels_last,
+                                 f"U-Net ({upsampling} upsampling, width {args.width})")
+    return trained, plain, spec
 
 
 def sample_grid(model: torch.nn.Module, task: SegmentationTask, images: torch.Tensor,
@@ -117,11 +114,7 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
     check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval", "classes")
     if not 0 < args.scale <= 1:
         raise UserError(f"-s/--scale must be in (0, 1], got {args.scale}")
-    s = start_session(args, Path(args.output))
-    try:
-        return _train(args, ckpt, s)
-    finally:
-        destroy_process_group()
+    return in_session(args, ckpt, _train)
 
 
 def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:

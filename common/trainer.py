@@ -7,15 +7,18 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .distributed import convert_sync_batchnorm, destroy_process_group, wrap_ddp
 from .engine import StepConfig, TrainState, fit
 from .errors import UserError
 from .memory import OOMRecovery, memory_state, restore_memory_state
 from .optim import Schedule, build_optimizer
-from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config
+from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config, start_session
 
 
 @dataclass
@@ -31,6 +34,30 @@ class Job:
     summary: Callable[[TrainState], str] | None = None  # the closing line
     keep_last: int | None = None  # keep checkpoint_epoch{N}.pth files (see EpochWriter)
     extra_output: Callable | None = None  # e.g. an image grid per epoch
+
+
+def in_session(args: argparse.Namespace, ckpt: dict | None,
+               body: Callable[[argparse.Namespace, dict | None, Session], int]) -> int:
+    """Start the session (device, process group, logging), run the recipe, leave the group."""
+    s = start_session(args, Path(args.output))
+    try:
+        return body(args, ckpt, s)
+    finally:
+        destroy_process_group()
+
+
+def place_model(model: nn.Module, args: argparse.Namespace, s: Session, channels_last: bool,
+                description: str) -> tuple[nn.Module, nn.Module]:
+    """(model to train, plain model): on the device, channels_last, DDP under torchrun, compiled
+    with --compile. Both share their weights; the plain one is what checkpoints hold."""
+    if getattr(args, "sync_bn", False) and s.ctx.enabled:
+        model = convert_sync_batchnorm(model, s.device)
+    model.to(s.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    s.log(f"model: {description}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    trained = wrap_ddp(model, s.device) if s.ctx.enabled else model
+    return (torch.compile(trained) if args.compile else trained), model
 
 
 def scaled_lr(args: argparse.Namespace, s: Session) -> float:

@@ -163,13 +163,13 @@ def test_truncated_checkpoint(trained, dataset, tmp_path, capsys):
 
 def test_checkpoint_of_another_task(trained, dataset, tmp_path, capsys):
     ckpt = load_checkpoint(trained / "best_model.pth")
-    ckpt["task"] = "segmentation"
-    other = tmp_path / "unet.pth"
+    ckpt["task"] = "timeseries"
+    other = tmp_path / "series.pth"
     torch.save(ckpt, other)
     capsys.readouterr()
     assert validate.main(["--model", str(other), "--data-dir", str(dataset / "val")]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "segmentation" in line and "classification" in line and str(other) in line
+    assert "timeseries" in line and "classification" in line and str(other) in line
 
 
 def test_resume_from_best_model_has_no_train_state(trained, capsys):
