@@ -142,3 +142,27 @@ def test_b2_with_accumulation_4_equals_b8_including_a_short_last_group():
     assert run(small, 2, 4) == 6 and run(big, 8, 1) == 6
     for a, b in zip(small.parameters(), big.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_memory_turns_on_checkpointing_and_training_goes_on(shapes, tmp_path, monkeypatch):
+    """An injected CUDA out-of-memory error in the U-Net: checkpointing goes on, the epoch is not
+    lost, and checkpoint.pth remembers it for a resume."""
+    from common.models.unet import UNet
+
+    original = UNet.forward
+    raised = []
+
+    def forward(self, x):
+        if self.training and not self.grad_checkpointing:
+            raised.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, x)
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    out = tmp_path / "o"
+    assert train_unet.main(["--data-dir", str(shapes), "--output", str(out), "-e", "1", "-b", "4",
+                            *FAST]) == 0
+    assert raised == [1]
+    ts = load_checkpoint(out / "checkpoint.pth")["train_state"]
+    assert ts["grad_checkpointing"] is True and ts["micro_batch"] == 4 and ts["epoch"] == 1
+    assert "turned on gradient checkpointing" in (out / "training.log").read_text()
