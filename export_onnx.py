@@ -102,8 +102,20 @@ def export_spec(loaded: LoadedModel, img_size: int | None) -> ExportSpec:
                                 f"{pre.get('resize_size', size)}, centre crop {size}",
                 "output_format": "logits: one score per class, in the order of classes"}
         return ExportSpec((channels, size, size), "logits", meta)
+    if loaded.task == "segmentation":
+        pre = dict(loaded.preprocessing)
+        size, channels = int(img_size or 256), int(pre.get("channels", 3))
+        mask_values = (loaded.checkpoint or {}).get("mask_values", [])
+        meta = {"mask_values": json.dumps(mask_values), "scale": str(pre.get("scale", 1.0)),
+                "img_size": str(size), "channels": str(channels),
+                "preprocessing": json.dumps(pre, sort_keys=True),
+                "input_format": f"float32 NCHW, RGB scaled to 0-1 (no mean/std); images resized by "
+                                f"scale {pre.get('scale', 1.0)}; exported at {size}x{size}",
+                "output_format": "logits NxCxHxW: argmax over C (sigmoid > 0.5 with one class) gives "
+                                 "the index into mask_values"}
+        return ExportSpec((channels, size, size), "logits", meta)
     raise UserError(f"{loaded.path} is a {loaded.task} model; export_onnx.py exports classification "
-                    "models only so far")
+                    "and segmentation models")
 
 
 def model_name(loaded: LoadedModel) -> str:
@@ -381,7 +393,8 @@ def _main(argv: Sequence[str] | None) -> int:
     check_args(args)
     out = output_path(args)
     device = select_device(args.device, log=print)
-    loaded = load_for_inference(args.model, device, tasks=("classification",), trust=args.trust_checkpoint,
+    loaded = load_for_inference(args.model, device, tasks=("classification", "segmentation"),
+                                trust=args.trust_checkpoint,
                                 arch=args.arch, num_classes=args.num_classes, img_size=args.img_size or 224)
     for note in loaded.notes:
         print(f"notice: {note}")

@@ -166,3 +166,19 @@ def test_out_of_memory_turns_on_checkpointing_and_training_goes_on(shapes, tmp_p
     ts = load_checkpoint(out / "checkpoint.pth")["train_state"]
     assert ts["grad_checkpointing"] is True and ts["micro_batch"] == 4 and ts["epoch"] == 1
     assert "turned on gradient checkpointing" in (out / "training.log").read_text()
+
+
+def test_export_onnx_handles_a_unet(trained, tmp_path):
+    import onnx
+    import onnxruntime
+
+    import export_onnx
+
+    out = tmp_path / "unet.onnx"
+    assert export_onnx.main(["--model", str(trained / "best_model.pth"), "--output", str(out),
+                             "--img-size", "32"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["task"] == "segmentation" and json.loads(meta["mask_values"]) == [0, 255]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": np.random.rand(3, 3, 32, 32).astype(np.float32)})
+    assert logits.shape == (3, 2, 32, 32)  # dynamic batch, a class map per pixel
