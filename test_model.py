@@ -42,6 +42,7 @@ import torch
 
 from common.checkpoint import FORMAT, VERSION, sha256_of
 from common.cli import add_device_args, new_parser, resolve
+from common.data import segmentation as seg
 from common.data.images import ImageDataset, class_folders, eval_transform, scan_class_folders
 from common.data.loaders import make_loader
 from common.device import (
@@ -57,7 +58,7 @@ from common.inference import LoadedModel, load_for_inference
 from common.models import find_source
 from common.precision import Precision, make_precision
 from common.session import check_positive
-from common.tasks import ClassificationTask
+from common.tasks import ClassificationTask, SegmentationTask
 
 MARKS = {"pass": "\u2705", "fail": "\u274c", "skip": "\u2796"}  # check mark, cross, heavy minus
 ASCII_MARKS = {"pass": "[PASS]", "fail": "[FAIL]", "skip": "[SKIP]"}
@@ -148,7 +149,8 @@ def _load(run: Run, path: Path) -> tuple[LoadedModel | None, str]:
     """The model on the CPU, or None and the one-line reason it cannot be loaded."""
     args = run.args
     try:
-        loaded = load_for_inference(path, torch.device("cpu"), trust=args.trust_checkpoint, arch=args.arch,
+        loaded = load_for_inference(path, torch.device("cpu"), tasks=("classification", "segmentation"),
+                                    trust=args.trust_checkpoint, arch=args.arch,
                                     num_classes=args.num_classes, img_size=args.img_size)
     except UserError as exc:
         return None, user_message(exc)
@@ -189,7 +191,11 @@ def _describe_model(loaded: LoadedModel) -> list[str]:
                      f"{versions.get('torch', '?')}")
     if loaded.classes:
         lines.append(f"classes ({len(loaded.classes)}): {_names(loaded.classes, 10)}")
-    lines.append(f"input: {pre.get('channels', 3)} x {pre['img_size']} x {pre['img_size']}")
+    if "img_size" in pre:
+        lines.append(f"input: {pre.get('channels', 3)} x {pre['img_size']} x {pre['img_size']}")
+    else:
+        lines.append(f"input: {pre.get('channels', 3)} channels, any size, images scaled by "
+                     f"{pre.get('scale', 1.0)}")
     metrics = {k: v for k, v in ((loaded.checkpoint or {}).get("metrics") or {}).items()
                if k not in {"lr", "epoch_time", "samples_per_s"}}
     if metrics:
@@ -272,7 +278,8 @@ def check_forward(run: Run) -> Result:
     if not run.device_ok:
         return Result("skip", "needs a working device (check 2 failed)")
     pre, batch = run.loaded.preprocessing, run.args.batch_size
-    shape = (batch, int(pre.get("channels", 3)), int(pre["img_size"]), int(pre["img_size"]))
+    side = int(pre.get("img_size", 64))  # a U-Net takes any size: 64x64 is enough to check it
+    shape = (batch, int(pre.get("channels", 3)), side, side)
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     try:
         outputs = _forward(run, inputs)
@@ -302,6 +309,8 @@ def _check_outputs(run: Run, shape: tuple[int, ...], outputs: object) -> Result:
         return Result("fail", f"the model returns {type(outputs).__name__}, not a tensor of class scores")
     expected = run.loaded.num_classes
     got = tuple(outputs.shape)
+    if run.loaded.task == "segmentation":
+        return _check_mask_outputs(run, shape, outputs)
     if outputs.dim() != 2 or got[0] != shape[0] or (expected is not None and got[1] != expected):
         want = f"({shape[0]}, {expected})" if expected is not None else f"({shape[0]}, classes)"
         return Result("fail", f"input {shape} gives output {got}, expected {want}")
@@ -313,6 +322,31 @@ def _check_outputs(run: Run, shape: tuple[int, ...], outputs: object) -> Result:
     return Result("pass", f"input {shape} -> output {got}, all finite", details)
 
 
+def _check_mask_outputs(run: Run, shape: tuple[int, ...], outputs: torch.Tensor) -> Result:
+    classes = run.loaded.spec["kwargs"]["num_classes"]
+    want = (shape[0], classes, shape[2], shape[3])
+    if tuple(outputs.shape) != want:
+        return Result("fail", f"input {shape} gives output {tuple(outputs.shape)}, expected {want}")
+    if not bool(torch.isfinite(outputs.float()).all()):
+        return Result("fail", f"input {shape} gives NaN/Inf values")
+    run.num_classes, run.forward_ok = classes, True
+    return Result("pass", f"input {shape} -> masks {want}, all finite")
+
+
+def _segmentation_eval(run: Run) -> Result:
+    """Dice and IoU on the first --batches x --batch-size pairs of data-dir/imgs + masks/."""
+    args = run.args
+    pairs = seg.find_pairs(Path(args.data_dir))[: args.batches * args.batch_size]
+    dataset = seg.SegmentationDataset(pairs, run.loaded.checkpoint["mask_values"],
+                                      run.loaded.preprocessing.get("scale", 0.5))
+    loader = make_loader(dataset, args.batch_size, train=False, num_workers=0, pin_memory=False)
+    task = SegmentationTask(run.num_classes)
+    metrics = task.summarize(evaluate(run.loaded.model, task, loader, run.precision, run.device))
+    line = (f"Dice {metrics['dice']:.4f}, IoU {metrics['iou']:.4f} ({len(pairs)} pairs), "
+            f"loss {metrics['loss']:.4f}")
+    return Result("pass" if math.isfinite(metrics["loss"]) else "fail", line)
+
+
 # ---------------------------------------------------------------- 4. quick evaluation
 
 def check_evaluation(run: Run) -> Result:
@@ -321,6 +355,11 @@ def check_evaluation(run: Run) -> Result:
         return Result("skip", "no --data-dir (pass a folder of class folders to measure accuracy)")
     if not run.forward_ok:
         return Result("skip", "needs a working forward pass (check 3)")
+    if run.loaded.task == "segmentation":
+        try:
+            return _segmentation_eval(run)
+        except UserError as exc:
+            return Result("fail", user_message(exc))
     try:
         samples, details = eval_samples(Path(args.data_dir), run)
         workers = args.num_workers if args.num_workers is not None else default_num_workers(run.device)

@@ -182,3 +182,14 @@ def test_export_onnx_handles_a_unet(trained, tmp_path):
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": np.random.rand(3, 3, 32, 32).astype(np.float32)})
     assert logits.shape == (3, 2, 32, 32)  # dynamic batch, a class map per pixel
+
+
+def test_test_model_checks_a_unet(trained, shapes, capsys):
+    import test_model
+
+    capsys.readouterr()
+    assert test_model.main(["--model-path", str(trained / "best_model.pth"), "--data-dir", str(shapes),
+                            "--batch-size", "4", "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "-> masks (4, 2, 64, 64)" in out
+    assert "quick evaluation: Dice" in out and "(8 pairs)" in out
