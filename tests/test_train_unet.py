@@ -193,3 +193,24 @@ def test_test_model_checks_a_unet(trained, shapes, capsys):
     out = capsys.readouterr().out
     assert "-> masks (4, 2, 64, 64)" in out
     assert "quick evaluation: Dice" in out and "(8 pairs)" in out
+
+
+def test_predict_masks_give_the_dice_validate_reports(trained, shapes, tmp_path):
+    """At scale 1, the masks predict.py writes score exactly the Dice that validate.py prints."""
+    from common.data.segmentation import find_pairs, mask_to_index, read_mask
+    from common.tasks import dice_iou_per_image
+
+    pairs = find_pairs(shapes)
+    outs = [str(tmp_path / f"{Path(img).stem}.png") for img, _ in pairs]
+    assert predict.main(["-m", str(trained / "best_model.pth"), "-i", *[img for img, _ in pairs],
+                         "-o", *outs]) == 0
+    scores = []
+    for (_, mask), out in zip(pairs, outs, strict=True):
+        truth = torch.from_numpy(mask_to_index(read_mask(mask), [0, 255]))[None]
+        guess = torch.from_numpy(mask_to_index(np.asarray(Image.open(out)), [0, 255]))[None]
+        scores.append(float(dice_iou_per_image(guess, truth, range(1, 2))[0]))
+    results = tmp_path / "v.json"
+    assert validate.main(["--model", str(trained / "best_model.pth"), "--data-dir", str(shapes),
+                          "--results-file", str(results), "--num-workers", "0"]) == 0
+    reported = json.loads(results.read_text())["metrics"]["dice"]
+    assert sum(scores) / len(scores) == pytest.approx(reported, abs=1e-6)
