@@ -22,6 +22,10 @@ from .tasks import SegmentationTask
 from .trainer import Job, in_session, place_model, run_job
 
 TASK = "segmentation"
+# --demo: the generated shapes at full size, a narrow U-Net and settings that reach val Dice
+# ~0.94 in about 40 s on 2 CPU cores (the seed is part of it: seed 42 stalls near 0.75).
+DEMO_PRESET = {"epochs": 10, "batch_size": 8, "lr": 1e-3, "scale": 1.0, "width": 16,
+               "optimizer": "adam", "weight_decay": 0.0, "seed": 0}
 
 
 def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
@@ -51,12 +55,13 @@ def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
-    """defaults < --config < checkpoint (--resume) < command line."""
+    """defaults < --config < --demo preset < checkpoint (--resume) < command line."""
     first, _ = resolve(parser, argv)
+    layers: list[dict[str, Any]] = [DEMO_PRESET] if first.demo else []
     if not first.resume:
-        return first, None
+        return resolve(parser, argv, layers)[0], None
     ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
-    layers = [inheritable(ckpt.get("config", {}), parser), {"output": str(Path(first.resume).parent)}]
+    layers += [inheritable(ckpt.get("config", {}), parser), {"output": str(Path(first.resume).parent)}]
     return resolve(parser, argv, layers)[0], ckpt
 
 

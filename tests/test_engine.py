@@ -151,3 +151,23 @@ def test_evaluate_counts_every_sample_and_builds_confusion():
     targets = torch.cat([y for _, y in data])
     assert int(totals["correct"]) == int((preds == targets).sum())
     assert int(totals["confusion"].diag().sum()) == int(totals["correct"])
+
+
+def test_restore_best_puts_the_best_epochs_weights_back():
+    torch.manual_seed(4)
+    model = TinyMLP(3, pool=4, hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)  # a wild lr: later epochs get worse
+    schedule = Schedule(opt, "none", epochs=6, steps_per_epoch=2)
+    best: dict[str, torch.Tensor] = {}
+
+    def remember(state, record, improved):
+        if improved:
+            best.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    state = fit(model, ClassificationTask(3), batches(2), batches(2, seed=5), opt, schedule,
+                make_precision(CPU, amp=False), CPU, epochs=6, state=TrainState(),
+                step_cfg=StepConfig(show_progress=False), on_epoch_end=remember,
+                log=lambda _: None, restore_best=True)
+    assert state.best_epoch < state.epoch  # the last epoch was not the best one
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best[key]), key
