@@ -43,7 +43,12 @@ import torch
 from common.checkpoint import FORMAT, VERSION, sha256_of
 from common.cli import add_device_args, new_parser, resolve
 from common.data import segmentation as seg
-from common.data.images import ImageDataset, class_folders, eval_transform, scan_class_folders
+from common.data.images import (
+    ImageDataset,
+    eval_transform,
+    samples_for_classes,
+    scan_class_folders,
+)
 from common.data.loaders import make_loader
 from common.device import (
     default_num_workers,
@@ -383,12 +388,7 @@ def eval_samples(data_dir: Path, run: Run) -> tuple[list[tuple[str, int]], list[
     loaded, details = run.loaded, []
     if loaded.checkpoint is not None and loaded.classes:
         classes = loaded.classes
-        if data_dir.is_dir():
-            unknown = sorted(set(class_folders(data_dir)) - set(classes))
-            if unknown:
-                raise UserError(f"class folders in {data_dir} unknown to the model: {_names(unknown, 10)} "
-                                f"(the model knows: {_names(classes, 10)}); remove or rename them")
-        _, samples = scan_class_folders(data_dir, classes)
+        samples = samples_for_classes(data_dir, classes)
     else:
         classes, samples = scan_class_folders(data_dir)
         if len(classes) > run.num_classes:

@@ -19,7 +19,12 @@ import torch
 
 from common.cli import add_device_args, new_parser, resolve
 from common.data import segmentation as seg
-from common.data.images import ImageDataset, check_images, class_folders, eval_transform, scan_class_folders
+from common.data.images import (
+    ImageDataset,
+    check_images,
+    eval_transform,
+    samples_for_classes,
+)
 from common.data.loaders import make_loader
 from common.engine import evaluate
 from common.errors import UserError, run_cli
@@ -49,12 +54,7 @@ def build_parser():
 
 
 def load_samples(data_dir: Path, classes: Sequence[str], args) -> list[tuple[str, int]]:
-    if data_dir.is_dir():
-        unknown = sorted(set(class_folders(data_dir)) - set(classes))
-        if unknown:
-            raise UserError(f"class folders in {data_dir} unknown to the model: {', '.join(unknown)} "
-                            f"(the model knows: {', '.join(classes)}); remove or rename them")
-    _, samples = scan_class_folders(data_dir, classes)
+    samples = samples_for_classes(data_dir, classes)
     bad = check_images([p for p, _ in samples], args.check_images)
     if bad and not args.skip_bad_images:
         raise UserError(f"{len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}; remove them "

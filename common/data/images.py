@@ -62,6 +62,19 @@ def scan_class_folders(root: Path, classes: Sequence[str] | None = None
     return names, samples
 
 
+def samples_for_classes(root: Path, classes: Sequence[str]) -> list[Sample]:
+    """Samples of `root` labelled with a model's class names; a class folder the model does not
+    know is an error naming it (a folder may hold fewer classes than the model)."""
+    if root.is_dir():
+        unknown = sorted(set(class_folders(root)) - set(classes))
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            known = ", ".join(list(classes)[:10]) + (" ..." if len(classes) > 10 else "")
+            raise UserError(f"class folders in {root} unknown to the model: {shown} "
+                            f"(the model knows: {known}); remove or rename them")
+    return scan_class_folders(root, classes)[1]
+
+
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int
                      ) -> tuple[list[Sample], list[Sample]]:
     """Split off `fraction` of each class (at least one image per class) with a fixed seed."""
