@@ -74,6 +74,8 @@ def build_data(args: argparse.Namespace, s: Session):
     pairs = seg.find_pairs(data_dir, log=s.log)
     mask_values = seg.check_pairs(pairs, args.check_images, show_progress=s.is_main)
     seg.check_classes(mask_values, args.classes)
+    if args.batch_size > 1:
+        _check_same_size(pairs)
     train, val = seg.split_pairs(pairs, args.validation, args.seed)
     loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
                    "rank": s.ctx.rank, "world_size": s.ctx.world_size}
@@ -83,6 +85,20 @@ def build_data(args: argparse.Namespace, s: Session):
           f"scale {args.scale}")
     return (make_loader(train_set, args.batch_size, train=True, seed=args.seed, **loader_args),
             make_loader(val_set, args.batch_size, train=False, **loader_args), mask_values, val_set)
+
+
+def _check_same_size(pairs) -> None:
+    """A batch stacks its images: with -b > 1 they must share one size (headers only are read)."""
+    from PIL import Image
+
+    sizes: dict[tuple[int, int], str] = {}
+    for image, _ in pairs:
+        with Image.open(image) as img:
+            sizes.setdefault(img.size, image)
+        if len(sizes) > 1:
+            (a, first), (b, second) = list(sizes.items())[:2]
+            raise UserError(f"images differ in size ({first} is {a[0]}x{a[1]}, {second} is {b[0]}x{b[1]}); "
+                            "batches need one size: pass -b 1, or resize the images and masks")
 
 
 def build_unet(args: argparse.Namespace, s: Session, channels_last: bool):

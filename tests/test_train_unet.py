@@ -238,3 +238,21 @@ def test_bilinear_flag_contradiction_and_tensorboard_image_grid(trained, shapes,
     events.Reload()
     assert "val/input_true_predicted" in events.Tags()["images"]
     assert "val/dice" in events.Tags()["scalars"]
+
+
+def test_images_of_different_sizes_need_batch_one(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for name, side in (("a", 32), ("b", 32), ("c", 40)):
+        Image.new("RGB", (side, side), (200, 10, 10)).save(data / "imgs" / f"{name}.png")
+        mask = Image.new("L", (side, side), 0)
+        mask.paste(255, (0, 0, side // 2, side // 2))
+        mask.save(data / "masks" / f"{name}_mask.png")
+    capsys.readouterr()
+    assert train_unet.main(["--data-dir", str(data), "--output", str(tmp_path / "o"), "-b", "2",
+                            "-v", "34", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: images differ in size") and "-b 1" in err and "Traceback" not in err
+    assert train_unet.main(["--data-dir", str(data), "--output", str(tmp_path / "o"), "-b", "1",
+                            "-v", "34", "-e", "1", *FAST]) == 0
