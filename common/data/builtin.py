@@ -49,24 +49,34 @@ def _draw_shape(rng: random.Random, kind: str, size: int) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
-def make_demo_dataset(root: Path, images_per_class: int = 200, size: int = 64,
-                      val_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Write train/ and val/ folders of horizontal and vertical stripes; reuse them if already there."""
-    marker = root / DEMO_MARKER
-    spec = {"classes": list(DEMO_CLASSES), "images_per_class": images_per_class, "size": size,
-            "val_fraction": val_fraction, "seed": seed}
+def generated_set_present(root: Path, marker_name: str, spec: dict[str, Any],
+                          owned: list[Path], what: str) -> bool:
+    """True when root already holds a generated set of this spec (its marker file says so).
+    A set of another spec has its `owned` folders removed (the marker proves they are ours);
+    a folder holding anything else is refused, never overwritten."""
+    marker = root / marker_name
     if marker.is_file():
         try:
             if json.loads(marker.read_text(encoding="utf-8")) == spec:
-                return root
+                return True
         except json.JSONDecodeError:
             pass
+        for folder in owned:
+            shutil.rmtree(folder, ignore_errors=True)
     elif root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} already holds files that are not the demo set; pass another "
+        raise UserError(f"{root} already holds files that are not {what}; pass another "
                         "--data-dir for --demo, or remove the folder")
-    for split in ("train", "val"):  # a demo set of another size: start afresh (the marker
-        for kind in DEMO_CLASSES:   # proves these folders are ours)
-            shutil.rmtree(root / split / kind, ignore_errors=True)
+    return False
+
+
+def make_demo_dataset(root: Path, images_per_class: int = 200, size: int = 64,
+                      val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Write train/ and val/ folders of horizontal and vertical stripes; reuse them if already there."""
+    spec = {"classes": list(DEMO_CLASSES), "images_per_class": images_per_class, "size": size,
+            "val_fraction": val_fraction, "seed": seed}
+    owned = [root / split / kind for split in ("train", "val") for kind in DEMO_CLASSES]
+    if generated_set_present(root, DEMO_MARKER, spec, owned, "the demo set"):
+        return root
     rng = random.Random(seed)
     n_val = max(1, round(images_per_class * val_fraction))
     for kind in DEMO_CLASSES:
@@ -75,7 +85,7 @@ def make_demo_dataset(root: Path, images_per_class: int = 200, size: int = 64,
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             _draw_shape(rng, kind, size).save(folder / f"{kind}_{i:04d}.png")
-    marker.write_text(json.dumps(spec), encoding="utf-8")
+    (root / DEMO_MARKER).write_text(json.dumps(spec), encoding="utf-8")
     return root
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from .builtin import generated_set_present
 from .images import IMAGE_EXTENSIONS, check_image, is_image_file, load_rgb
 
 Pair = tuple[str, str]
@@ -417,19 +417,10 @@ def make_shapes_dataset(root: Path, n: int = 300, size: int = 64, seed: int = 0)
     if size < 8 or n < 1:
         raise ValueError(f"make_shapes_dataset needs n >= 1 and size >= 8, got n={n}, size={size}")
     root = Path(root)
-    marker = root / SHAPES_MARKER
     spec = {"kind": "shapes", "n": n, "size": size, "seed": seed}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text(encoding="utf-8")) == spec:
-                return root
-        except json.JSONDecodeError:
-            pass
-        for sub in ("imgs", "masks"):  # the marker proves these folders are ours
-            shutil.rmtree(root / sub, ignore_errors=True)
-    elif root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} already holds files that are not the generated shapes set; pass "
-                        "another --data-dir for --demo, or remove the folder")
+    if generated_set_present(root, SHAPES_MARKER, spec, [root / "imgs", root / "masks"],
+                             "the generated shapes set"):
+        return root
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -437,5 +428,5 @@ def make_shapes_dataset(root: Path, n: int = 300, size: int = 64, seed: int = 0)
         image, mask = _draw_pair(rng, size)
         Image.fromarray(image, "RGB").save(root / "imgs" / f"shape_{i:04d}.png", compress_level=1)
         Image.fromarray(mask, "L").save(root / "masks" / f"shape_{i:04d}_mask.png", compress_level=1)
-    marker.write_text(json.dumps(spec), encoding="utf-8")
+    (root / SHAPES_MARKER).write_text(json.dumps(spec), encoding="utf-8")
     return root
