@@ -3,6 +3,7 @@ its data, its model, and train() which wires them into the engine."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,15 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
 
 
 @dataclass
+class Preparation:
+    """How build_data prepares images when not as for training from scratch (fine-tuning):
+    the preprocessing to use instead of the data set's default, and the training transform
+    built from it instead of the training recipe's augmentation."""
+    pre: dict[str, Any] | None = None
+    train_transform: Callable[[dict[str, Any]], Any] | None = None
+
+
+@dataclass
 class ClassificationData:
     classes: list[str]
     train_loader: DataLoader
@@ -122,21 +132,26 @@ class ClassificationData:
     description: str
 
 
-def _torchvision_data(args, s: Session) -> tuple[list[str], Any, Any, dict[str, Any], str]:
+def _train_tf(args, prep: Preparation, pre: dict[str, Any]):
+    if prep.train_transform is not None:
+        return prep.train_transform(pre)
+    return train_transform(pre, hflip=not args.no_hflip)
+
+
+def _torchvision_data(args, s: Session, prep: Preparation) -> tuple[list[str], Any, Any, dict[str, Any], str]:
     _, mean, std, _ = TORCHVISION_SETS[args.dataset]
-    pre = preprocessing(args.img_size, mean, std, crop_pct=1.0)
+    pre = prep.pre or preprocessing(args.img_size, mean, std, crop_pct=1.0)
     root = Path(args.data_dir)
-    train = torchvision_dataset(args.dataset, root, True, args.download,
-                                train_transform(pre, hflip=not args.no_hflip))
+    train = torchvision_dataset(args.dataset, root, True, args.download, _train_tf(args, prep, pre))
     val = torchvision_dataset(args.dataset, root, False, False, eval_transform(pre))
     return torchvision_classes(train), train, val, pre, f"{args.dataset} in {root}"
 
 
-def _folder_data(args, s: Session) -> tuple[list[str], Any, Any, dict[str, Any], str]:
+def _folder_data(args, s: Session, prep: Preparation) -> tuple[list[str], Any, Any, dict[str, Any], str]:
     splits = folder_splits(Path(args.data_dir), args.val_split, args.seed)
     train, val = _drop_bad_images(splits.train, splits.val, args, s)
-    pre = preprocessing(args.img_size, IMAGENET_MEAN, IMAGENET_STD)
-    return (splits.classes, ImageDataset(train, train_transform(pre, hflip=not args.no_hflip)),
+    pre = prep.pre or preprocessing(args.img_size, IMAGENET_MEAN, IMAGENET_STD)
+    return (splits.classes, ImageDataset(train, _train_tf(args, prep, pre)),
             ImageDataset(val, eval_transform(pre)), pre, splits.description)
 
 
@@ -158,15 +173,17 @@ def _drop_bad_images(train, val, args, s: Session):
     return train, val
 
 
-def build_data(args: argparse.Namespace, s: Session) -> ClassificationData:
-    if args.img_size < 8:
-        raise UserError(f"--img-size must be at least 8, got {args.img_size}")
-    if args.demo:
+def build_data(args: argparse.Namespace, s: Session, prep: Preparation | None = None) -> ClassificationData:
+    prep = prep or Preparation()
+    img_size = prep.pre["img_size"] if prep.pre else args.img_size
+    if img_size < 8:
+        raise UserError(f"--img-size must be at least 8, got {img_size}")
+    if getattr(args, "demo", False):
         if s.is_main:
             make_demo_dataset(Path(args.data_dir), images_per_class=args.demo_images)
         barrier()
     builder = _torchvision_data if args.dataset in TORCHVISION_SETS else _folder_data
-    classes, train, val, pre, description = builder(args, s)
+    classes, train, val, pre, description = builder(args, s, prep)
     if args.num_classes is not None and args.num_classes != len(classes):
         raise UserError(f"--num-classes {args.num_classes} but {args.data_dir} has {len(classes)} "
                         f"classes ({', '.join(classes[:10])}); drop --num-classes or fix the folders")

@@ -75,8 +75,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int,
-                      lr: float, short_flags: bool = False) -> None:
-    """short_flags: the U-Net guide's -b, -e and -l/--learning-rate as well."""
+                      lr: float, short_flags: bool = False, patience: int | None = None) -> None:
+    """short_flags: the U-Net guide's -b, -e and -l/--learning-rate as well.
+    patience: on by default with this many epochs, also spelled --patience (fine-tuning guide)."""
     g = parser.add_argument_group("training")
     short = {"b": ["-b"], "e": ["-e"], "l": ["-l", "--learning-rate"]} if short_flags else {}
     g.add_argument(*short.get("b", []), "--batch-size", type=int, default=batch_size,
@@ -106,8 +107,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
                    help="clip the gradient norm to this value (default: off)")
     g.add_argument("--accumulate-grad-batches", type=int, default=1,
                    help="micro-batches per optimizer step (default: 1)")
-    g.add_argument("--early-stopping-patience", type=int, default=None,
-                   help="stop after this many epochs without improvement (default: off)")
+    g.add_argument("--early-stopping-patience", *(["--patience"] if patience else []), type=int,
+                   default=patience,
+                   help=f"stop after this many epochs without improvement (default: {patience or 'off'})")
     g.add_argument("--min-delta", type=float, default=0.0,
                    help="smallest change that counts as an improvement (default: 0)")
     g.add_argument("--log-interval", type=int, default=20,

@@ -31,6 +31,17 @@ class TrainState:
     best_metric: float | None = None
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stop_best: float | None = None  # early stopping on another metric (lower is better), e.g. val loss
+    stop_epoch: int = 0
+
+    def stop_improved(self, value: float | None, min_delta: float) -> bool:
+        """Record `value` of the early-stopping metric (lower is better)."""
+        if value is None or math.isnan(value):
+            return False
+        if self.stop_best is None or value < self.stop_best - min_delta:
+            self.stop_best, self.stop_epoch = value, self.epoch
+            return True
+        return False
 
     def improved(self, value: float | None, min_delta: float) -> bool:
         """Record `value` (higher is better); True when it beats the best by min_delta."""
@@ -43,13 +54,15 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
-                "best_epoch": self.best_epoch, "history": [dict(h) for h in self.history]}
+                "best_epoch": self.best_epoch, "history": [dict(h) for h in self.history],
+                "stop_best": self.stop_best, "stop_epoch": self.stop_epoch}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         return cls(epoch=int(data["epoch"]), step=int(data["step"]),
                    best_metric=data.get("best_metric"), best_epoch=int(data.get("best_epoch", 0)),
-                   history=[dict(h) for h in data.get("history", [])])
+                   history=[dict(h) for h in data.get("history", [])],
+                   stop_best=data.get("stop_best"), stop_epoch=int(data.get("stop_epoch", 0)))
 
 
 @dataclass
@@ -211,7 +224,8 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         device: torch.device, *, epochs: int, state: TrainState, step_cfg: StepConfig,
         on_epoch_end: EpochHook | None = None, min_delta: float = 0.0,
         patience: int | None = None, log: Callable[[str], None] = print,
-        eval_model: nn.Module | None = None, restore_best: bool = False) -> TrainState:
+        eval_model: nn.Module | None = None, restore_best: bool = False,
+        stop_on: str | None = None) -> TrainState:
     """Train from state.epoch to `epochs`, evaluating, saving and stopping early as asked.
 
     on_epoch_end(state, record, improved) runs after each epoch (saving, logging, plots);
@@ -219,6 +233,8 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
     eval_model: the plain model under a DDP wrapper (evaluation needs no collectives per batch,
     so ranks with one sample fewer never wait for each other).
     restore_best: at the end, put the best epoch's weights back into the model.
+    stop_on: early stopping watches this validation metric (lower is better, e.g. "loss") instead
+    of the one that picks the best model (task.monitor).
     """
     plain = eval_model or model
     best_weights: dict[str, torch.Tensor] | None = None
@@ -246,11 +262,26 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
         if on_epoch_end is not None:
             on_epoch_end(state, record, improved)
-        if patience is not None and state.epoch - state.best_epoch >= patience:
-            log(f"early stopping: no improvement of val {task.monitor} above {min_delta} for "
-                f"{patience} epochs (best {state.best_metric:.4f} at epoch {state.best_epoch})")
+        if stop_on is not None:
+            state.stop_improved(record.get(f"val_{stop_on}", record.get(f"train_{stop_on}")), min_delta)
+        if patience is not None and _should_stop(state, task.monitor, stop_on, patience, min_delta, log):
             break
     if best_weights is not None and state.best_epoch != state.epoch:
         plain.load_state_dict(best_weights)
         log(f"restored the best weights (epoch {state.best_epoch})")
     return state
+
+
+def _should_stop(state: TrainState, monitor: str, stop_on: str | None, patience: int,
+                 min_delta: float, log: Callable[[str], None]) -> bool:
+    if stop_on is None:
+        if state.epoch - state.best_epoch < patience:
+            return False
+        log(f"early stopping: no improvement of val {monitor} above {min_delta} for "
+            f"{patience} epochs (best {state.best_metric:.4f} at epoch {state.best_epoch})")
+        return True
+    if state.epoch - state.stop_epoch < patience:
+        return False
+    log(f"early stopping: val {stop_on} has not gone below {state.stop_best:.4f} (epoch "
+        f"{state.stop_epoch}) for {patience} epochs")
+    return True

@@ -87,12 +87,13 @@ def start_session(args: argparse.Namespace, output: Path | None = None) -> Sessi
                    resolve_pin_memory(args.pin_memory, device))
 
 
-def open_output(s: Session, resuming: bool) -> None:
+def open_output(s: Session, resuming: bool, run_files: tuple[str, ...] = ()) -> None:
     """Create the output folder (moving an earlier run aside unless resuming) and start
-    training.log. Called once data and model are known to be good."""
+    training.log. Called once data and model are known to be good. run_files: further names
+    this recipe writes (moved aside with the rest)."""
     if s.is_main and s.output is not None:
         if not resuming:
-            _archive_previous_run(s.output)
+            _archive_previous_run(s.output, run_files)
         s.output.mkdir(parents=True, exist_ok=True)
         for stale in s.output.glob(".*.pth.*.tmp"):  # left by a process killed while saving
             stale.unlink(missing_ok=True)
@@ -103,9 +104,9 @@ def open_output(s: Session, resuming: bool) -> None:
     barrier()
 
 
-def _archive_previous_run(output: Path) -> None:
+def _archive_previous_run(output: Path, run_files: tuple[str, ...] = ()) -> None:
     """A new run in a folder that holds an earlier run moves that run aside, never over it."""
-    present = [name for name in RUN_FILES if (output / name).exists()]
+    present = [name for name in dict.fromkeys((*RUN_FILES, *run_files)) if (output / name).exists()]
     present += [p.name for p in output.glob("checkpoint_epoch*.pth")]
     if not present:
         return
@@ -131,13 +132,18 @@ class EpochWriter:
     def __init__(self, session: Session, model: nn.Module, *, task: str,
                  model_spec: dict[str, Any], meta: dict[str, Any], optimizer: torch.optim.Optimizer,
                  schedule: Schedule, epochs: int, extra_state: Callable[[], dict] | None = None,
-                 keep_last: int | None = None, extra_output: Callable | None = None):
+                 keep_last: int | None = None, extra_output: Callable | None = None,
+                 best_name: str = "best_model.pth", tb_dir: Path | None = None):
         """keep_last: also keep checkpoint_epoch{N}.pth, the last K of them (0: all).
-        extra_output(state, tensorboard): task-specific output after each epoch (rank 0)."""
+        extra_output(state, tensorboard): task-specific output after each epoch (rank 0).
+        best_name: file name of the best model in the output folder; tb_dir: TensorBoard folder
+        (default: OUTPUT/tensorboard)."""
         self.s = session
         self.model, self.task, self.spec, self.meta = model, task, model_spec, meta
         self.optimizer, self.schedule, self.epochs = optimizer, schedule, epochs
         self.extra_state, self.keep_last, self.extra_output = extra_state, keep_last, extra_output
+        self.best_name = best_name
+        self.tb_dir = tb_dir if tb_dir is not None else (session.output or Path(".")) / "tensorboard"
         self.tb = None
 
     def __call__(self, state: TrainState, record: dict[str, float], improved: bool) -> None:
@@ -150,16 +156,22 @@ class EpochWriter:
             if self.keep_last is not None:
                 self._epoch_copy(state.epoch)
             if improved:
-                ckpt_lib.atomic_save(self._payload(metrics, config, None), out / "best_model.pth")
+                self.save_best(metrics)
             write_metrics_csv(state.history, out / "metrics.csv")
             if self.tb is None:
-                self.tb = TensorBoard(out / "tensorboard", self.s.log, purge_step=state.epoch)
+                self.tb = TensorBoard(self.tb_dir, self.s.log, purge_step=state.epoch)
             self.tb.scalars(record)
             plot_curves(state.history, out / "curves.png")
             if self.extra_output is not None:
                 self.extra_output(state, self.tb)
             self.s.log(format_epoch(record, self.epochs, improved))
         barrier()
+
+    def save_best(self, metrics: dict[str, float]) -> None:
+        """The model as it is now, as the best model (rank 0 only)."""
+        if self.s.is_main:
+            ckpt_lib.atomic_save(self._payload(metrics, plain_config(self.s.args), None),
+                                 self.s.output / self.best_name)
 
     def _epoch_copy(self, epoch: int) -> None:
         """checkpoint_epoch{N}.pth (a resumable copy), pruned to the last keep_last files."""

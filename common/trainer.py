@@ -34,6 +34,12 @@ class Job:
     summary: Callable[[TrainState], str] | None = None  # the closing line
     keep_last: int | None = None  # keep checkpoint_epoch{N}.pth files (see EpochWriter)
     extra_output: Callable | None = None  # e.g. an image grid per epoch
+    best_name: str = "best_model.pth"
+    tb_dir: Path | None = None  # TensorBoard folder (default: OUTPUT/tensorboard)
+    # Validation metrics of the model before training (fine-tuning): a fresh run counts them as
+    # the best so far, and writes the starting model as the best model before epoch 1.
+    start_metrics: dict[str, float] | None = None
+    stop_on: str | None = None  # early stopping on this val metric, lower is better (fit's stop_on)
 
 
 def in_session(args: argparse.Namespace, ckpt: dict | None,
@@ -80,7 +86,7 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
                         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                         step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
     state = _resume(args, ckpt, s, job.plain, optimizer, schedule)
-    open_output(s, resuming=ckpt is not None)
+    open_output(s, resuming=ckpt is not None, run_files=(job.best_name,))
     save_run_config(s)
     step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
                           channels_last=job.channels_last, log_interval=args.log_interval,
@@ -92,17 +98,30 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
                          optimizer=optimizer, schedule=schedule, epochs=args.epochs,
                          extra_state=lambda: memory_state(job.plain, args.batch_size,
                                                           args.accumulate_grad_batches, step_cfg.splits),
-                         keep_last=job.keep_last, extra_output=job.extra_output)
+                         keep_last=job.keep_last, extra_output=job.extra_output,
+                         best_name=job.best_name, tb_dir=job.tb_dir)
+    if ckpt is None and job.start_metrics is not None:
+        _start_from(state, job, writer)
     try:
         fit(job.model, job.task, job.train_loader, job.val_loader, optimizer, schedule, s.precision,
             s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
             min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log,
-            eval_model=job.plain, restore_best=getattr(args, "restore_best", False))
+            eval_model=job.plain, restore_best=getattr(args, "restore_best", False),
+            stop_on=job.stop_on)
     finally:
         writer.close()
     if job.summary is not None and state.best_metric is not None:
         s.log(job.summary(state))
     return state
+
+
+def _start_from(state: TrainState, job: Job, writer: EpochWriter) -> None:
+    """The model before training is the one to beat, and the best model until it is beaten."""
+    metrics = job.start_metrics or {}
+    state.best_metric = metrics.get(f"val_{job.task.monitor}")
+    if job.stop_on is not None:
+        state.stop_best = metrics.get(f"val_{job.stop_on}")
+    writer.save_best(metrics)
 
 
 def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:

@@ -239,3 +239,11 @@ def train_transform(pre: dict[str, Any], hflip: bool = True) -> T.Compose:
     steps += [T.RandomRotation(15), T.ColorJitter(0.2, 0.2, 0.2),
               T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
     return T.Compose(steps)
+
+
+def light_transform(pre: dict[str, Any], degrees: float = 10.0) -> T.Compose:
+    """Fine-tuning's light augmentation: the evaluation pipeline plus a small random rotation,
+    so the features the model already learned are not disturbed."""
+    return T.Compose([ToRGB(), T.Resize(pre["resize_size"], antialias=True),
+                      T.CenterCrop(pre["img_size"]), T.RandomRotation(degrees), T.ToTensor(),
+                      T.Normalize(pre["mean"], pre["std"])])

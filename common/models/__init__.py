@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -112,19 +113,37 @@ def _download_error(name: str, exc: BaseException) -> UserError:
                      f"{str(exc)[:120]}); check the network, or pass a local file with --weights")
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the last Linear layer for a fresh one with num_classes outputs."""
+def head_name(model: nn.Module) -> str:
+    """Name of the classifier layer: the last Linear module."""
     last = None
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last = module_name
     if last is None:
-        raise UserError("could not find the classifier layer to resize; train without --pretrained")
+        raise UserError(f"could not find the classifier layer (a Linear layer) of {type(model).__name__}")
+    return last
+
+
+def replace_head(model: nn.Module, num_classes: int, *, always: bool = False) -> None:
+    """Swap the last Linear layer for a fresh one with num_classes outputs (always: even when it
+    has that many already, e.g. for another set of classes of the same size)."""
+    last = head_name(model)
     parent_name, _, attr = last.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
-    if old.out_features != num_classes:
-        setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    if always or old.out_features != num_classes:
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        setattr(parent, attr, new.to(device=old.weight.device, dtype=old.weight.dtype))
+
+
+def permute_head(model: nn.Module, order: list[int]) -> None:
+    """Reorder the classifier's outputs: new output i is old output order[i]."""
+    head = model.get_submodule(head_name(model))
+    index = torch.as_tensor(order, device=head.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(head.weight[index])
+        if head.bias is not None:
+            head.bias.copy_(head.bias[index])
 
 
 def load_weights_file(model: nn.Module, path: str | Path, log: Callable[[str], None]) -> None:
