@@ -318,3 +318,33 @@ def test_guide_base_model_on_fashionmnist(tmp_path, monkeypatch, capsys):
     assert ckpt["preprocessing"]["img_size"] == 28
     assert ckpt["preprocessing"]["mean"][0] == pytest.approx(0.286)
     assert ckpt["classes"][0] == "T-shirt/top"
+
+
+def test_same_classes_in_another_order_reorder_the_head():
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from common.finetune import Source, fit_classes
+
+    model, spec = build_model("small_cnn", 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.eval()(x)
+    source = Source(Path("m.pth"), model, spec, ["a", "b", "c"], {}, {})
+    notes: list[str] = []
+    kept = fit_classes(source, SimpleNamespace(classes=["c", "a", "b"]),
+                       Namespace(data_dir="d", num_classes=None), notes.append)
+    with torch.no_grad():
+        after = model(x)
+    assert torch.allclose(after, before[:, [2, 0, 1]]) and kept["kwargs"]["num_classes"] == 3
+    assert "reordered" in notes[0]
+
+
+def test_early_stopping_state_survives_the_checkpoint():
+    from common.engine import TrainState
+
+    state = TrainState(epoch=4, best_metric=0.5, best_epoch=3, stop_best=0.25, stop_epoch=2)
+    again = TrainState.from_dict(state.to_dict())
+    assert (again.stop_best, again.stop_epoch) == (0.25, 2)
+    assert again.stop_improved(0.3, 0.0) is False and again.stop_improved(0.2, 0.0) is True
+    assert again.stop_epoch == 4
