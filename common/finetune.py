@@ -259,7 +259,8 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
                     "lineage": lineage},
               train_loader=data.train_loader, val_loader=data.val_loader, channels_last=channels_last,
               best_name=info["best_file"], tb_dir=Path(info["tensorboard"]),
-              start_metrics=info["start"] if ckpt is None else None, stop_on="loss")
+              start_metrics=info["start"] if ckpt is None else None, stop_on="loss",
+              baseline=info["start"])
     state = run_job(args, s, job, ckpt)
     s.log(summary(state, info, best, s.output / "checkpoint.pth"))
     return 0

@@ -119,8 +119,10 @@ class TensorBoard:
             self.writer.close()
 
 
-def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
-    """curves.png: loss, the task's main metric, and the learning rate per epoch."""
+def plot_curves(history: Sequence[dict[str, float]], path: Path,
+                baseline: dict[str, float] | None = None) -> None:
+    """curves.png: loss, the task's main metric, and the learning rate per epoch.
+    baseline: validation metrics of the model before training (fine-tuning), drawn as a dashed line."""
     if not history:
         return
     epochs = [r["epoch"] for r in history]
@@ -138,6 +140,9 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
                 if key in history[0]:
                     ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker=".",
                             label=split)
+            if baseline and f"val_{name}" in baseline:
+                ax.axhline(baseline[f"val_{name}"], color="tab:gray", linestyle="--",
+                           label="val before training")
             ax.legend()
         ax.set_title(name)
         ax.set_xlabel("epoch")

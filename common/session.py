@@ -133,16 +133,17 @@ class EpochWriter:
                  model_spec: dict[str, Any], meta: dict[str, Any], optimizer: torch.optim.Optimizer,
                  schedule: Schedule, epochs: int, extra_state: Callable[[], dict] | None = None,
                  keep_last: int | None = None, extra_output: Callable | None = None,
-                 best_name: str = "best_model.pth", tb_dir: Path | None = None):
+                 best_name: str = "best_model.pth", tb_dir: Path | None = None,
+                 baseline: dict[str, float] | None = None):
         """keep_last: also keep checkpoint_epoch{N}.pth, the last K of them (0: all).
         extra_output(state, tensorboard): task-specific output after each epoch (rank 0).
         best_name: file name of the best model in the output folder; tb_dir: TensorBoard folder
-        (default: OUTPUT/tensorboard)."""
+        (default: OUTPUT/tensorboard); baseline: val metrics before training, shown in curves.png."""
         self.s = session
         self.model, self.task, self.spec, self.meta = model, task, model_spec, meta
         self.optimizer, self.schedule, self.epochs = optimizer, schedule, epochs
         self.extra_state, self.keep_last, self.extra_output = extra_state, keep_last, extra_output
-        self.best_name = best_name
+        self.best_name, self.baseline = best_name, baseline
         self.tb_dir = tb_dir if tb_dir is not None else (session.output or Path(".")) / "tensorboard"
         self.tb = None
 
@@ -161,7 +162,7 @@ class EpochWriter:
             if self.tb is None:
                 self.tb = TensorBoard(self.tb_dir, self.s.log, purge_step=state.epoch)
             self.tb.scalars(record)
-            plot_curves(state.history, out / "curves.png")
+            plot_curves(state.history, out / "curves.png", self.baseline)
             if self.extra_output is not None:
                 self.extra_output(state, self.tb)
             self.s.log(format_epoch(record, self.epochs, improved))

@@ -40,6 +40,7 @@ class Job:
     # the best so far, and writes the starting model as the best model before epoch 1.
     start_metrics: dict[str, float] | None = None
     stop_on: str | None = None  # early stopping on this val metric, lower is better (fit's stop_on)
+    baseline: dict[str, float] | None = None  # val metrics before training, drawn in curves.png
 
 
 def in_session(args: argparse.Namespace, ckpt: dict | None,
@@ -99,7 +100,7 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
                          extra_state=lambda: memory_state(job.plain, args.batch_size,
                                                           args.accumulate_grad_batches, step_cfg.splits),
                          keep_last=job.keep_last, extra_output=job.extra_output,
-                         best_name=job.best_name, tb_dir=job.tb_dir)
+                         best_name=job.best_name, tb_dir=job.tb_dir, baseline=job.baseline)
     if ckpt is None and job.start_metrics is not None:
         _start_from(state, job, writer)
     try:

@@ -348,3 +348,18 @@ def test_early_stopping_state_survives_the_checkpoint():
     assert (again.stop_best, again.stop_epoch) == (0.25, 2)
     assert again.stop_improved(0.3, 0.0) is False and again.stop_improved(0.2, 0.0) is True
     assert again.stop_epoch == 4
+
+
+def test_curves_show_the_model_before_training(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from common.reporting import plot_curves
+
+    drawn = []
+    original = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y, **kw: drawn.append((y, kw.get("label"))) or original(self, y, **kw))
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "train_acc": 0.5, "val_acc": 0.6, "lr": 1e-3}]
+    plot_curves(history, tmp_path / "c.png", {"val_loss": 1.2, "val_acc": 0.4})
+    assert drawn == [(1.2, "val before training"), (0.4, "val before training")]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
