@@ -15,16 +15,13 @@ last checkpoint.pth by themselves.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
-import torch
-
 from common.classify import add_classification_args, resolve_args, train
 from common.cli import new_parser
-from common.errors import UserError, run_cli
+from common.errors import run_cli
+from common.launch import processes_to_launch, relaunch, under_torchrun
 
 
 def build_parser():
@@ -40,32 +37,13 @@ def build_parser():
     return parser
 
 
-def launch_command(nproc: int, max_restarts: int, argv: Sequence[str]) -> list[str]:
-    """torchrun on this machine, re-running this script with the same arguments."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-            os.path.abspath(__file__), *argv]
-
-
-def processes_to_launch(args) -> int:
-    if args.nproc_per_node is not None:
-        if args.nproc_per_node < 1:
-            raise UserError(f"--nproc-per-node must be 1 or more, got {args.nproc_per_node}")
-        return args.nproc_per_node
-    return torch.cuda.device_count() if torch.cuda.is_available() and not args.no_gpu else 1
-
-
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    under_torchrun = "WORLD_SIZE" in os.environ
     args, ckpt = resolve_args(build_parser(), argv)
-    if args.distributed and not under_torchrun and not args.list_models:
-        nproc = processes_to_launch(args)
+    if args.distributed and not under_torchrun() and not args.list_models:
+        nproc = processes_to_launch(args.nproc_per_node, args.no_gpu)
         if nproc > 1:
-            print(f"launching {nproc} processes with torch.distributed.run "
-                  f"({'GPUs' if torch.cuda.is_available() and not args.no_gpu else 'CPU, gloo'})",
-                  flush=True)
-            return subprocess.call(launch_command(nproc, args.max_restarts, argv))
+            return relaunch(__file__, nproc, args.max_restarts, argv, args.no_gpu)
         print("one device: training in this single process (pass --nproc-per-node N for N "
               "processes)", flush=True)
     return train(args, ckpt)

@@ -45,13 +45,14 @@ def new_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_device_args(parser: argparse.ArgumentParser) -> None:
+def add_device_args(parser: argparse.ArgumentParser, amp_aliases: Sequence[str] = ()) -> None:
+    """amp_aliases: other spellings of --amp in a guide (e.g. --mixed-precision)."""
     g = parser.add_argument_group("device and precision")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--gpu-id", type=int, default=None, help="index of the GPU to use")
     g.add_argument("--no-gpu", action="store_true", help="run on the CPU even if a GPU is present")
-    g.add_argument("--amp", action="store_true",
+    g.add_argument("--amp", *amp_aliases, action="store_true",
                    help="mixed precision: float16 + GradScaler on CUDA (bfloat16 with --amp-dtype)")
     g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=None,
                    help="autocast dtype for --amp (default float16; bfloat16 also enables AMP on CPU)")
