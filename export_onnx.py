@@ -114,8 +114,18 @@ def export_spec(loaded: LoadedModel, img_size: int | None) -> ExportSpec:
                 "output_format": "logits NxCxHxW: argmax over C (sigmoid > 0.5 with one class) gives "
                                  "the index into mask_values"}
         return ExportSpec((channels, size, size), "logits", meta)
-    raise UserError(f"{loaded.path} is a {loaded.task} model; export_onnx.py exports classification "
-                    "and segmentation models")
+    if loaded.task == "timeseries":
+        pre = dict(loaded.preprocessing)
+        steps, channels = int(pre["window_size"]), list(pre["channels"])
+        meta = {"classes": json.dumps(loaded.classes or []), "channels": json.dumps(channels),
+                "window_size": str(steps), "mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"]),
+                "preprocessing": json.dumps(pre, sort_keys=True),
+                "input_format": f"float32 N x {len(channels)} x {steps}: channels (in the order of "
+                                "channels) by time steps, each channel (x - mean) / std",
+                "output_format": "logits: one score per class, in the order of classes"}
+        return ExportSpec((len(channels), steps), "logits", meta)
+    raise UserError(f"{loaded.path} is a {loaded.task} model; export_onnx.py exports classification, "
+                    "segmentation and time-series models")
 
 
 def model_name(loaded: LoadedModel) -> str:
@@ -393,7 +403,7 @@ def _main(argv: Sequence[str] | None) -> int:
     check_args(args)
     out = output_path(args)
     device = select_device(args.device, log=print)
-    loaded = load_for_inference(args.model, device, tasks=("classification", "segmentation"),
+    loaded = load_for_inference(args.model, device, tasks=("classification", "segmentation", "timeseries"),
                                 trust=args.trust_checkpoint,
                                 arch=args.arch, num_classes=args.num_classes, img_size=args.img_size or 224)
     for note in loaded.notes:

@@ -4,8 +4,11 @@
     python predict.py -m best_model.pth -i ./new_images "shots/*.png" --topk 3 --output results.csv
     python predict.py -m best_model.pth -i ./new_images --output results.json --amp
     python predict.py -m checkpoints/best_model.pth -i image1.jpg image2.jpg -o out1.png out2.png -v
+    python predict.py -m behavior_results/cnn/best_model.pth -i recording.csv ./new_recordings -o out.csv
 
-Classes and preprocessing come from the checkpoint, exactly as validate.py prepares images.
+Classes and preprocessing come from the checkpoint, exactly as validate.py prepares images (for
+a behaviour model: its channel columns, window length and normalisation; a long recording is
+cut into windows and gets each window's classes and their mean).
 --input takes files, folders (searched recursively) and glob patterns. Files that cannot be
 read are reported (in the console and in --output) and skipped.
 """
@@ -114,10 +117,14 @@ def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)
     if args.topk < 1 or args.batch_size < 1:
         raise UserError("--topk and --batch-size must be 1 or more")
-    paths = gather_inputs(args.input)
     s = start_session(args, None)
-    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation"),
+    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
                                 trust=args.trust_checkpoint)
+    if loaded.task == "timeseries":
+        from common import series_tools
+
+        return series_tools.run_predict(loaded, args, s, _results_file(args.output))
+    paths = gather_inputs(args.input)
     if loaded.task == "segmentation":
         return segment_predict.run(loaded, paths, args, s)
     output = _results_file(args.output)

@@ -63,7 +63,7 @@ from common.inference import LoadedModel, load_for_inference
 from common.models import find_source
 from common.precision import Precision, make_precision
 from common.session import check_positive
-from common.tasks import ClassificationTask, SegmentationTask
+from common.tasks import ClassificationTask, SegmentationTask, SeriesTask
 
 MARKS = {"pass": "\u2705", "fail": "\u274c", "skip": "\u2796"}  # check mark, cross, heavy minus
 ASCII_MARKS = {"pass": "[PASS]", "fail": "[FAIL]", "skip": "[SKIP]"}
@@ -154,7 +154,8 @@ def _load(run: Run, path: Path) -> tuple[LoadedModel | None, str]:
     """The model on the CPU, or None and the one-line reason it cannot be loaded."""
     args = run.args
     try:
-        loaded = load_for_inference(path, torch.device("cpu"), tasks=("classification", "segmentation"),
+        loaded = load_for_inference(path, torch.device("cpu"),
+                                    tasks=("classification", "segmentation", "timeseries"),
                                     trust=args.trust_checkpoint, arch=args.arch,
                                     num_classes=args.num_classes, img_size=args.img_size)
     except UserError as exc:
@@ -198,6 +199,9 @@ def _describe_model(loaded: LoadedModel) -> list[str]:
         lines.append(f"classes ({len(loaded.classes)}): {_names(loaded.classes, 10)}")
     if "img_size" in pre:
         lines.append(f"input: {pre.get('channels', 3)} x {pre['img_size']} x {pre['img_size']}")
+    if "window_size" in pre:
+        lines.append(f"input: {len(pre['channels'])} channels ({_names(pre['channels'], 8)}) x "
+                     f"{pre['window_size']} steps")
     else:
         lines.append(f"input: {pre.get('channels', 3)} channels, any size, images scaled by "
                      f"{pre.get('scale', 1.0)}")
@@ -283,8 +287,11 @@ def check_forward(run: Run) -> Result:
     if not run.device_ok:
         return Result("skip", "needs a working device (check 2 failed)")
     pre, batch = run.loaded.preprocessing, run.args.batch_size
-    side = int(pre.get("img_size", 64))  # a U-Net takes any size: 64x64 is enough to check it
-    shape = (batch, int(pre.get("channels", 3)), side, side)
+    if run.loaded.task == "timeseries":  # windows: channels x time steps
+        shape: tuple[int, ...] = (batch, len(pre["channels"]), int(pre["window_size"]))
+    else:
+        side = int(pre.get("img_size", 64))  # a U-Net takes any size: 64x64 is enough to check it
+        shape = (batch, int(pre.get("channels", 3)), side, side)
     inputs = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     try:
         outputs = _forward(run, inputs)
@@ -352,6 +359,19 @@ def _segmentation_eval(run: Run) -> Result:
     return Result("pass" if math.isfinite(metrics["loss"]) else "fail", line)
 
 
+def _series_eval(run: Run) -> Result:
+    """Accuracy on the first --batches x --batch-size windows of a folder of recordings."""
+    from common.series_tools import evaluate_folder
+
+    args = run.args
+    totals, count = evaluate_folder(run.loaded, Path(args.data_dir), run, args.batch_size,
+                                    limit=args.batches * args.batch_size)
+    metrics = SeriesTask(run.num_classes).summarize(totals)
+    line = (f"accuracy {100 * metrics['acc']:.2f}% ({int(totals['correct'])}/{count} windows), "
+            f"loss {metrics['loss']:.4f}")
+    return Result("pass" if math.isfinite(metrics["loss"]) else "fail", line)
+
+
 # ---------------------------------------------------------------- 4. quick evaluation
 
 def check_evaluation(run: Run) -> Result:
@@ -360,9 +380,9 @@ def check_evaluation(run: Run) -> Result:
         return Result("skip", "no --data-dir (pass a folder of class folders to measure accuracy)")
     if not run.forward_ok:
         return Result("skip", "needs a working forward pass (check 3)")
-    if run.loaded.task == "segmentation":
+    if run.loaded.task in ("segmentation", "timeseries"):
         try:
-            return _segmentation_eval(run)
+            return _segmentation_eval(run) if run.loaded.task == "segmentation" else _series_eval(run)
         except UserError as exc:
             return Result("fail", user_message(exc))
     try:

@@ -63,8 +63,8 @@ def load_samples(data_dir: Path, classes: Sequence[str], args) -> list[tuple[str
     return [s for s in samples if s[0] not in dropped]
 
 
-def report(metrics: dict, scores: dict, classes: Sequence[str], count: int) -> str:
-    lines = [f"images: {count}", f"loss: {metrics['loss']:.4f}",
+def report(metrics: dict, scores: dict, classes: Sequence[str], count: int, unit: str = "images") -> str:
+    lines = [f"{unit}: {count}", f"loss: {metrics['loss']:.4f}",
              f"top-1 accuracy: {100 * metrics['acc']:.2f}%"]
     if "top5" in metrics:
         lines.append(f"top-5 accuracy: {100 * metrics['top5']:.2f}%")
@@ -100,13 +100,37 @@ def validate_segmentation(loaded, args, s) -> int:
     return 0
 
 
+def validate_series(loaded, args, s) -> int:
+    """A behaviour model on every window of a folder (or CSV / .npz file) of recordings."""
+    from common.series_tools import evaluate_folder
+
+    classes = loaded.classes or []
+    totals, count = evaluate_folder(loaded, Path(args.data_dir), s, args.batch_size)
+    metrics = ClassificationTask(len(classes)).summarize(totals)
+    scores = per_class_scores(totals["confusion"])
+    print(report(metrics, scores, classes, count, unit="windows"))
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(totals["confusion"].tolist(), classes, out_dir / "confusion_matrix.png")
+    print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")
+    if args.results_file:
+        result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "windows": count,
+                  "metrics": metrics, "classes": classes, "per_class": scores,
+                  "confusion_matrix": totals["confusion"].tolist()}
+        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"results: {args.results_file}")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)
     s = start_session(args, None)
-    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation"),
+    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
                                 trust=args.trust_checkpoint)
     if loaded.task == "segmentation":
         return validate_segmentation(loaded, args, s)
+    if loaded.task == "timeseries":
+        return validate_series(loaded, args, s)
     classes = loaded.classes or []
     samples = load_samples(Path(args.data_dir), classes, args)
     loader = make_loader(ImageDataset(samples, eval_transform(loaded.preprocessing)), args.batch_size,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +163,18 @@ def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,
 
 
 def resolve(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-            layers: Iterable[Mapping[str, Any]] = ()) -> tuple[argparse.Namespace, set[str]]:
+            layers: Iterable[Mapping[str, Any]] = (),
+            read_config: Callable[[str, argparse.ArgumentParser], dict[str, Any]] | None = None
+            ) -> tuple[argparse.Namespace, set[str]]:
     """Resolve the config: defaults < --config < layers < command line.
 
     Returns the namespace and the set of keys the user typed on the command line.
+    read_config: how the script reads --config (default: flag names as keys).
     """
     given = given_on_command_line(parser, argv)
     values = {dest: action.default for dest, action in _dest_map(parser).items()}
     if given.get("config"):
-        values.update(read_config_file(given["config"], parser))
+        values.update((read_config or read_config_file)(given["config"], parser))
     for layer in layers:
         values.update(layer)
     values.update(given)

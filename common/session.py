@@ -56,6 +56,7 @@ class Session:
     num_workers: int
     pin_memory: bool
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # skipped (path, reason)
+    log_file: bool = True  # open_output starts training.log in the output folder
 
     @property
     def is_main(self) -> bool:
@@ -97,7 +98,8 @@ def open_output(s: Session, resuming: bool, run_files: tuple[str, ...] = ()) -> 
         s.output.mkdir(parents=True, exist_ok=True)
         for stale in s.output.glob(".*.pth.*.tmp"):  # left by a process killed while saving
             stale.unlink(missing_ok=True)
-        attach_log_file(s.output)
+        if s.log_file:
+            attach_log_file(s.output)
         if s.bad_images:
             report = s.output / "bad_images.txt"
             report.write_text("".join(f"{p}\t{why}\n" for p, why in s.bad_images), encoding="utf-8")

@@ -128,4 +128,11 @@ class SegmentationTask:
                 "iou": float(totals["iou_sum"]) / count}
 
 
-TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+class SeriesTask(ClassificationTask):
+    """Behaviour classification of sensor windows: a batch is (N, C, T) windows and labels; loss
+    and metrics are those of image classification, the checkpoint says "timeseries"."""
+
+    name = "timeseries"
+
+
+TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask, "timeseries": SeriesTask}

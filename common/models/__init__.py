@@ -15,12 +15,17 @@ from torch import nn
 
 from ..errors import UserError
 from .small import SmallCNN, TinyMLP
+from .timeseries import SeriesCNN, SeriesFusion, SeriesTransformer
 from .unet import UNet
 
 LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "tiny_mlp": TinyMLP,
     "unet": UNet,
+    # time-series (input N x channels x steps): behaviour classification
+    "cnn": SeriesCNN,
+    "transformer": SeriesTransformer,
+    "fusion": SeriesFusion,
 }
 
 
