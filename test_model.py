@@ -68,6 +68,12 @@ from common.tasks import ClassificationTask, SegmentationTask, SeriesTask
 MARKS = {"pass": "\u2705", "fail": "\u274c", "skip": "\u2796"}  # check mark, cross, heavy minus
 ASCII_MARKS = {"pass": "[PASS]", "fail": "[FAIL]", "skip": "[SKIP]"}
 READY = "all checks passed: the model is ready for fine-tuning"
+# finetune_gpu.py fine-tunes image classifiers; other checkpoints are ready to use (and to train on)
+READY_OTHER = {"segmentation": "all checks passed: the model is ready to use (continue training it with "
+                               "train_unet.py --load)",
+               "timeseries": "all checks passed: the model is ready to use (predict.py on CSV recordings)"}
+DATA_HINT = {"segmentation": "a folder with imgs/ and masks/ to measure Dice",
+             "timeseries": "a folder of CSV recordings to measure accuracy"}
 INDENT = " " * 6
 
 
@@ -377,7 +383,9 @@ def _series_eval(run: Run) -> Result:
 def check_evaluation(run: Run) -> Result:
     args = run.args
     if not args.data_dir:
-        return Result("skip", "no --data-dir (pass a folder of class folders to measure accuracy)")
+        task = run.loaded.task if run.loaded is not None else "classification"
+        hint = DATA_HINT.get(task, "a folder of class folders to measure accuracy")
+        return Result("skip", f"no --data-dir (pass {hint})")
     if not run.forward_ok:
         return Result("skip", "needs a working forward pass (check 3)")
     if run.loaded.task in ("segmentation", "timeseries"):
@@ -517,7 +525,8 @@ def _main(argv: Sequence[str] | None) -> int:
             emit(INDENT + line)
     failed = [name for name, r in results if r.status == "fail"]
     if not failed:
-        emit(f"{marks['pass']} {READY}")
+        task = run.loaded.task if run.loaded is not None else "classification"
+        emit(f"{marks['pass']} {READY_OTHER.get(task, READY)}")
         return 0
     skipped = sum(r.status == "skip" for _, r in results)
     emit(f"{marks['fail']} {len(failed)} of {len(CHECKS)} checks failed ({', '.join(failed)}), {skipped} "

@@ -77,6 +77,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint reads like any file
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -86,6 +87,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -190,8 +197,8 @@ def check_header(ckpt: Any, path: str | os.PathLike, *, task: str | None = None,
         raise UserError(f"{path} is a {ckpt.get('task')} checkpoint, but this tool needs a "
                         f"{task} checkpoint")
     if need_train_state and "train_state" not in ckpt:
-        raise UserError(f"{path} has no training state to resume from (best_model.pth holds "
-                        "weights only); resume from checkpoint.pth")
+        raise UserError(f"{path} has no training state to resume from (best_model.pth and "
+                        "*_finetuned.pt hold weights only); resume from checkpoint.pth")
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],

@@ -92,6 +92,7 @@ class Source:
     preprocessing: dict[str, Any]
     config: dict[str, Any]
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def output_name(model_path: str | Path) -> str:
@@ -149,9 +150,13 @@ def load_source(args: argparse.Namespace) -> Source:
     entry = {"file": path.name, "path": str(path), "sha256": ckpt_lib.sha256_of(path),
              "metrics": {k: float(v) for k, v in (ckpt.get("metrics") or {}).items()},
              "saved_at": str(ckpt.get("saved_at", "")), "model": str(spec["name"])}
+    notes = list(loaded.notes)
+    if loaded.checkpoint is None and not args.img_size:
+        notes.append("notice: the file records no preprocessing; using 224x224 and ImageNet mean/std. "
+                     "Pass --img-size N if the model was trained at another size")
     return Source(path, model.train(), dict(spec), list(ckpt["classes"]) if ckpt.get("classes") else None,
                   loaded.preprocessing, dict(ckpt.get("config") or {}),
-                  [entry, *list(ckpt.get("lineage") or [])])
+                  [entry, *list(ckpt.get("lineage") or [])], notes)
 
 
 def _rebuild_pickled(module: nn.Module, arch: str | None, path: Path) -> tuple[nn.Module, dict]:
@@ -166,8 +171,16 @@ def _rebuild_pickled(module: nn.Module, arch: str | None, path: Path) -> tuple[n
 
 
 def train(args: argparse.Namespace, ckpt: dict | None, source: Source | None) -> int:
-    check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval",
-                   "early_stopping_patience")
+    check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.early_stopping_patience is not None and args.early_stopping_patience < 0:
+        raise UserError(f"--patience must be 0 (off) or more, got {args.early_stopping_patience}")
+    if args.early_stopping_patience == 0:
+        args.early_stopping_patience = None  # 0: no early stopping
+    if ckpt is not None and args.epochs <= ckpt["train_state"]["epoch"]:
+        done = ckpt["train_state"]["epoch"]
+        raise UserError(f"{args.resume} has already trained {done} epochs; pass --epochs above {done}")
     return in_session(args, ckpt, lambda a, c, s: _finetune(a, c, s, source))
 
 
@@ -182,13 +195,16 @@ def _preparation(args: argparse.Namespace, base: dict[str, Any]) -> Preparation:
     return Preparation(pre, light_transform)
 
 
-def _data(args: argparse.Namespace, s: Session, base_pre: dict[str, Any]) -> ClassificationData:
+def _data(args: argparse.Namespace, s: Session, base_pre: dict[str, Any], recorded: str | None
+          ) -> ClassificationData:
     args.dataset = args.dataset or "imagefolder"
     args.data_dir = args.data_dir or "./dataset"
     if not Path(args.data_dir).exists():
-        raise UserError(f"data folder {args.data_dir} does not exist (the data the model was trained on, "
-                        "as recorded in its checkpoint, seen from this folder); pass --data-dir (and "
-                        "--dataset) for the data to fine-tune on")
+        if args.data_dir == recorded:
+            raise UserError(f"data folder {args.data_dir} does not exist (the data the model was trained "
+                            "on, as recorded in its checkpoint, seen from this folder); pass --data-dir "
+                            "(and --dataset) for the data to fine-tune on")
+        raise UserError(f"data folder {args.data_dir} does not exist; check --data-dir")
     # --num-classes is checked against the data below (for a plain state_dict it means its classes)
     data = build_data(argparse.Namespace(**{**vars(args), "num_classes": None}), s,
                       _preparation(args, base_pre))
@@ -231,7 +247,14 @@ def spec_classes(source: Source) -> int:
 
 def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: Source | None) -> int:
     base_pre = ckpt["preprocessing"] if ckpt is not None else source.preprocessing
-    data = _data(args, s, base_pre)
+    config = (ckpt if ckpt is not None else {"config": source.config}).get("config") or {}
+    for note in ([] if source is None else source.notes):
+        s.log(note)
+    data = _data(args, s, base_pre, config.get("data_dir"))
+    pre = data.preprocessing
+    s.log(f"preprocessing: {pre['img_size']}x{pre['img_size']} (resize {pre.get('resize_size')}), mean "
+          f"{[round(m, 4) for m in pre['mean']]}, std {[round(v, 4) for v in pre['std']]}; augmentation: "
+          f"{'the training recipe' if args.augment else 'random rotation of 10 degrees'}")
     if ckpt is not None:
         if list(ckpt["classes"]) != data.classes:
             raise UserError(f"classes in {args.resume} ({', '.join(ckpt['classes'])}) differ from "
@@ -246,6 +269,9 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
                 "tensorboard": str(Path(args.log_dir) / f"{info_stem(source)}_{stamp}")}
     report = apply_freezing(model, conv=args.freeze_conv, bn=args.freeze_bn, until=args.freeze_until)
     s.log(report.line())
+    if (args.freeze_conv or args.freeze_until) and not args.freeze_bn:
+        s.log("notice: batch-norm running statistics of frozen layers still adapt to the new data; add "
+              "--freeze-bn to keep them as they are")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     trained, plain = place_model(model, args, s, channels_last, f"{spec['name']} ({spec['source']})")
     if args.freeze_bn:
@@ -262,7 +288,7 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
               start_metrics=info["start"] if ckpt is None else None, stop_on="loss",
               baseline=info["start"])
     state = run_job(args, s, job, ckpt)
-    s.log(summary(state, info, best, s.output / "checkpoint.pth"))
+    s.log(summary(state, info, best, s.output / "checkpoint.pth", args))
     return 0
 
 
@@ -281,13 +307,25 @@ def _evaluate_start(model: nn.Module, task: ClassificationTask, data: Classifica
     return {f"val_{k}": float(v) for k, v in metrics.items()}
 
 
-def summary(state: TrainState, info: dict[str, Any], best: Path, resume: Path) -> str:
+def _advice(args: argparse.Namespace, before: float) -> str:
+    if before >= 100.0:
+        return "the starting model is already right on every validation image"
+    tips = [f"a lower --lr (below {args.lr:g})"]
+    if not args.freeze_conv:
+        tips.append("--freeze-conv")
+    if args.augment:
+        tips.append("the light augmentation (without --augment)")
+    return "try " + " or ".join(tips)
+
+
+def summary(state: TrainState, info: dict[str, Any], best: Path, resume: Path,
+            args: argparse.Namespace) -> str:
     before = 100 * info["start"]["val_acc"]
     if state.best_epoch == 0:
         tried = max((r.get("val_acc", 0.0) for r in state.history), default=0.0)
         return (f"done: before {before:.2f}% -> after {before:.2f}%: no epoch beat the starting model "
-                f"(best epoch {100 * tried:.2f}%), so {best} holds the starting weights; try a lower "
-                "--lr, fewer --epochs or --freeze-conv")
+                f"(best epoch {100 * tried:.2f}%), so {best} holds the starting weights; "
+                f"{_advice(args, before)}")
     return (f"done: before {before:.2f}% -> after {100 * state.best_metric:.2f}% val accuracy (epoch "
             f"{state.best_epoch}); fine-tuned model {best}, resume state {resume}, "
             f"TensorBoard {info['tensorboard']}")

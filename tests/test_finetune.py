@@ -249,7 +249,8 @@ def _segmentation_checkpoint(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["segmentation", "freeze_until_unknown", "nothing_to_train",
-                                  "classes_differ", "not_a_checkpoint", "missing_file", "patience_zero"])
+                                  "classes_differ", "not_a_checkpoint", "missing_file", "patience_negative",
+                                  "lr_negative", "data_dir_missing"])
 def test_bad_input_is_one_line_and_writes_nothing(work, capsys, case):
     other = work / "three"
     make_folder(other, classes=("a", "b", "c"), per_class=6, seed=3)
@@ -265,8 +266,11 @@ def test_bad_input_is_one_line_and_writes_nothing(work, capsys, case):
                            "differ from the model's (class_0, class_1"),
         "not_a_checkpoint": (["--model-path=notes.pt"], "is not a PyTorch file"),
         "missing_file": (["--model-path=result/mnist_cnn_finetuned.pt"], "does not exist"),
-        "patience_zero": (["--model-path=model/mnist_cnn3.pt", "--patience=0"],
-                          "--early-stopping-patience must be 1 or more"),
+        "patience_negative": (["--model-path=model/mnist_cnn3.pt", "--patience=-1"],
+                              "--patience must be 0 (off) or more"),
+        "lr_negative": (["--model-path=model/mnist_cnn3.pt", "--lr=-1"], "--lr must be positive"),
+        "data_dir_missing": (["--model-path=model/mnist_cnn3.pt", "--data-dir=NOPE"],
+                             "data folder NOPE does not exist; check --data-dir"),
     }[case]
     assert finetune_gpu.main([*argv, *FT]) == 2
     err = capsys.readouterr().err.strip()
@@ -363,3 +367,33 @@ def test_curves_show_the_model_before_training(tmp_path, monkeypatch):
     plot_curves(history, tmp_path / "c.png", {"val_loss": 1.2, "val_acc": 0.4})
     assert drawn == [(1.2, "val before training"), (0.4, "val before training")]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_patience_0_switches_early_stopping_off(work):
+    assert finetune_gpu.main(["--model-path=model/mnist_cnn3.pt", "--lr=1e-12", "--freeze-bn", "--epochs=3",
+                              "--patience=0", "--min-delta=0.01", *FT]) == 0
+    assert [int(r["epoch"]) for r in rows(work / "result" / "metrics.csv")] == [1, 2, 3]
+
+
+def test_plain_state_dict_without_img_size_says_which_size_it_assumes(work, tmp_path, capsys):
+    plain = tmp_path / "weights.pth"
+    torch.save(weights(work / "model" / "mnist_cnn3.pt"), plain)
+    data_dir = load_checkpoint(work / "model" / "mnist_cnn3.pt")["config"]["data_dir"]
+    assert finetune_gpu.main([f"--model-path={plain}", "--arch=small_cnn", "--num-classes=10",
+                              f"--data-dir={data_dir}", "--epochs=1", "--check-images=off", *FT,
+                              "--batch-size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "records no preprocessing; using 224x224" in out and "Pass --img-size N" in out
+    assert "preprocessing: 224x224" in out
+
+
+def test_checkpoints_are_readable_like_other_files(work):
+    import os
+    import stat
+
+    assert finetune_gpu.main(["--model-path=model/mnist_cnn3.pt", "--epochs=1", *FT]) == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("mnist_cnn3_finetuned.pt", "checkpoint.pth"):
+        mode = stat.S_IMODE((work / "result" / name).stat().st_mode)
+        assert mode == 0o666 & ~mask, (name, oct(mode))
