@@ -252,6 +252,8 @@ def train_and_evaluate(name: str, args: argparse.Namespace, s: Session, data: ts
     best = torch.load(sub.output / "best_model.pth", map_location="cpu", weights_only=True)
     plain.load_state_dict(best["state_dict"])  # evaluate exactly the file that is shipped
     result = evaluate_model(plain, task, loaders[final], s, data.classes, sub.output)
+    result["predictions"] = recording_predictions(result.pop("predicted"), data.splits[final].ids,
+                                                  data.classes)
     result.update(parameters=sum(p.numel() for p in plain.parameters()), train_seconds=seconds,
                   best_epoch=state.best_epoch, val_accuracy=state.best_metric,
                   checkpoint=str(sub.output / "best_model.pth"))
@@ -262,8 +264,13 @@ def evaluate_model(model: torch.nn.Module, task: SeriesTask, loader: Any, s: Ses
                    classes: list[str], folder: Path) -> dict[str, Any]:
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
+    predicted: list[torch.Tensor] = []  # argmax per batch, kept on the device until the end
+    hook = model.register_forward_hook(lambda _m, _i, out: predicted.append(out.argmax(1)))
     started = time.perf_counter()
-    totals = evaluate(model, task, loader, s.precision, s.device)  # ends on the host: synced
+    try:
+        totals = evaluate(model, task, loader, s.precision, s.device)  # ends on the host: synced
+    finally:
+        hook.remove()
     elapsed = time.perf_counter() - started
     count = max(int(totals["count"]), 1)
     scores = per_class_scores(totals["confusion"])
@@ -272,7 +279,19 @@ def evaluate_model(model: torch.nn.Module, task: SeriesTask, loader: Any, s: Ses
         plot_confusion_matrix(totals["confusion"].tolist(), classes, folder / "confusion_matrix.png")
     return {"test_accuracy": task.summarize(totals)["acc"], "macro_f1": sum(present) / max(len(present), 1),
             "inference_ms_per_sample": 1000 * elapsed / count, "samples": count,
-            "confusion_matrix": totals["confusion"].tolist(), "per_class_f1": scores["f1"]}
+            "confusion_matrix": totals["confusion"].tolist(), "per_class_f1": scores["f1"],
+            "predicted": torch.cat(predicted).tolist() if predicted else []}
+
+
+def recording_predictions(predicted: list[int], ids: list[str], classes: list[str]) -> dict[str, str]:
+    """The predicted class per recording (the most frequent over its windows), for results.json.
+    Under DDP each process saw its own share, so only complete lists are mapped."""
+    if len(predicted) != len(ids):
+        return {}
+    votes: dict[str, list[int]] = {}
+    for rid, k in zip(ids, predicted, strict=True):
+        votes.setdefault(rid, []).append(k)
+    return {rid: classes[max(set(v), key=v.count)] for rid, v in sorted(votes.items())}
 
 
 def comparison_table(results: dict[str, dict[str, Any]], final: str) -> list[str]:

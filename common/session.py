@@ -7,6 +7,7 @@ import datetime as _dt
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,12 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 class EpochWriter:
     """on_epoch_end for fit(): checkpoint.pth (resume state), best_model.pth, metrics.csv,
-    TensorBoard scalars, curves.png and the epoch's log line. Only rank 0 writes."""
+    TensorBoard scalars, curves.png and the epoch's log line. Only rank 0 writes.
+
+    curves.png takes matplotlib a good part of a second, so it is drawn after the first epoch,
+    then at most once a minute, and at the end (close()), not between every two epochs."""
+
+    PLOT_EVERY_S = 60.0
 
     def __init__(self, session: Session, model: nn.Module, *, task: str,
                  model_spec: dict[str, Any], meta: dict[str, Any], optimizer: torch.optim.Optimizer,
@@ -146,6 +152,8 @@ class EpochWriter:
         self.optimizer, self.schedule, self.epochs = optimizer, schedule, epochs
         self.extra_state, self.keep_last, self.extra_output = extra_state, keep_last, extra_output
         self.best_name, self.baseline = best_name, baseline
+        self.history: list[dict[str, float]] = []
+        self.plotted = float("-inf")  # the first epoch draws curves.png; later ones once a minute
         self.tb_dir = tb_dir if tb_dir is not None else (session.output or Path(".")) / "tensorboard"
         self.tb = None
 
@@ -164,7 +172,9 @@ class EpochWriter:
             if self.tb is None:
                 self.tb = TensorBoard(self.tb_dir, self.s.log, purge_step=state.epoch)
             self.tb.scalars(record)
-            plot_curves(state.history, out / "curves.png", self.baseline)
+            self.history = state.history
+            if time.monotonic() - self.plotted >= self.PLOT_EVERY_S:
+                self._plot()
             if self.extra_output is not None:
                 self.extra_output(state, self.tb)
             self.s.log(format_epoch(record, self.epochs, improved))
@@ -200,7 +210,15 @@ class EpochWriter:
             data.update(self.extra_state())
         return data
 
+    def _plot(self) -> None:
+        if self.history:
+            plot_curves(self.history, self.s.output / "curves.png", self.baseline)
+        self.plotted = time.monotonic()
+
     def close(self) -> None:
+        """The final curves.png (also after an interruption or early stopping)."""
+        if self.s.is_main:
+            self._plot()
         if self.tb is not None:
             self.tb.close()
 

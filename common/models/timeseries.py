@@ -64,7 +64,8 @@ class ResidualBlock1d(nn.Module):
             nn.Conv1d(cout, cout, kernel_size, padding=pad, bias=False), nn.BatchNorm1d(cout))
         self.skip: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(nn.Conv1d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm1d(cout))
+            self.skip = nn.Sequential(nn.Conv1d(cin, cout, 1, stride=stride, bias=False),
+                                      nn.BatchNorm1d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.body(x) + self.skip(x))
@@ -119,7 +120,8 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device | None = No
     """(length, dim) encoding of Vaswani et al.: sin and cos of pos / 10000^(2i/dim), interleaved."""
     pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
     half = (dim + 1) // 2
-    inv_freq = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * (-2.0 * math.log(1e4) / dim))
+    steps = torch.arange(half, device=device, dtype=torch.float32)
+    inv_freq = torch.exp(steps * (-2.0 * math.log(1e4) / dim))
     angles = pos * inv_freq
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :dim].to(dtype)
 
