@@ -60,10 +60,22 @@ def _from_checkpoint(ckpt: dict[str, Any], file: Path, device: torch.device,
     if task not in tasks:
         raise UserError(f"{file} is a {task} checkpoint, but this tool handles "
                         f"{' or '.join(tasks)} checkpoints")
+    if task == "timeseries":
+        _check_series_keys(ckpt, file)
     model = model_from_spec(ckpt["model"])
     load_state_dict_checked(model, ckpt["state_dict"], str(file))
     return LoadedModel(model.to(device).eval(), task, file, list(ckpt.get("classes") or []) or None,
                        dict(ckpt.get("preprocessing") or {}), dict(ckpt["model"]), ckpt)
+
+
+def _check_series_keys(ckpt: dict[str, Any], file: Path) -> None:
+    """A time-series checkpoint must say how to read recordings: channels, window, normalisation."""
+    pre = ckpt.get("preprocessing") or {}
+    missing = [k for k in ("window_size", "channels", "mean", "std") if k not in pre]
+    if missing or not isinstance(pre.get("channels"), list) or not ckpt.get("classes"):
+        raise UserError(f"{file} says it is a timeseries checkpoint but lacks how to read recordings "
+                        f"({', '.join(missing) or 'channels or classes'} missing); use a best_model.pth "
+                        "written by run_behavior_classification.py")
 
 
 def _from_module(model: nn.Module, file: Path, device: torch.device, num_classes: int | None,

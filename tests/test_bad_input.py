@@ -12,6 +12,7 @@ from conftest import FAST, make_folder
 from PIL import Image
 
 import gpu_train
+import predict
 import validate
 from common.checkpoint import load_checkpoint
 
@@ -163,13 +164,21 @@ def test_truncated_checkpoint(trained, dataset, tmp_path, capsys):
 
 def test_checkpoint_of_another_task(trained, dataset, tmp_path, capsys):
     ckpt = load_checkpoint(trained / "best_model.pth")
-    ckpt["task"] = "timeseries"
-    other = tmp_path / "series.pth"
+    ckpt["task"] = "audio"
+    other = tmp_path / "audio.pth"
     torch.save(ckpt, other)
     capsys.readouterr()
     assert validate.main(["--model", str(other), "--data-dir", str(dataset / "val")]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "timeseries" in line and "classification" in line and str(other) in line
+    assert "audio" in line and "classification" in line and str(other) in line
+    # an image classifier relabelled as a time-series model: it lacks the recording settings
+    ckpt["task"] = "timeseries"
+    torch.save(ckpt, other)
+    for tool, argv in ((validate, ["--model", str(other), "--data-dir", str(dataset / "val")]),
+                       (predict, ["-m", str(other), "-i", str(dataset / "val")])):
+        assert tool.main(argv) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "timeseries checkpoint but lacks how to read recordings" in line and str(other) in line
 
 
 def test_resume_from_best_model_has_no_train_state(trained, capsys):

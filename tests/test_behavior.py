@@ -281,3 +281,82 @@ def test_an_earlier_run_is_kept_aside(tmp_path, recordings, capsys):
     assert (previous / "results.json").read_text() == first
     assert (previous / "cnn" / "best_model.pth").is_file()
     assert not (tmp_path / "out" / "cnn").exists() and (tmp_path / "out" / "transformer").is_dir()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, recordings) -> tuple[Path, Path]:
+    """(data folder of layout a, the cnn's best_model.pth) from one short pipeline run."""
+    root = tmp_path_factory.mktemp("trained")
+    data, flags = write_layout(root, "a", recordings)
+    assert run(root, data, *flags, "--models", "cnn") == 0
+    return data, root / "out" / "cnn" / "best_model.pth"
+
+
+def test_validate_on_a_folder_of_recordings(trained, tmp_path, capsys):
+    import validate
+
+    data, model = trained
+    results = tmp_path / "v.json"
+    assert validate.main(["--model", str(model), "--data-dir", str(data), "--results-file", str(results),
+                          "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(results.read_text())
+    assert got["windows"] == 60 and sum(map(sum, got["confusion_matrix"])) == 60
+    assert got["metrics"]["acc"] >= 0.9 and f"top-1 accuracy: {100 * got['metrics']['acc']:.2f}%" in printed
+    assert "windows: 60" in printed and (tmp_path / "confusion_matrix.png").is_file()
+
+
+def test_export_onnx_of_a_behaviour_model_matches_onnxruntime(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import export_onnx
+
+    _, model = trained
+    out = tmp_path / "behaviour.onnx"
+    assert export_onnx.main(["--model", str(model), "--output", str(out)]) == 0
+    assert "onnxruntime vs PyTorch max |diff|" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["task"] == "timeseries" and json.loads(meta["channels"]) == ["acc_x", "acc_y", "acc_z"]
+    assert meta["window_size"] == "64" and json.loads(meta["classes"]) == ["run", "sit", "walk"]
+
+
+def test_test_model_checks_a_behaviour_model(trained, capsys):
+    import test_model
+
+    data, model = trained
+    assert test_model.main(["--model-path", str(model), "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "forward pass: input (32, 3, 64) -> output (32, 3)" in out
+    assert "windows)" in out and out.rstrip().endswith(test_model.READY_OTHER["timeseries"])
+
+
+def test_predict_cuts_a_long_recording_into_windows(trained, tmp_path, capsys):
+    data, model = trained
+    long = np.concatenate([values for name, values in make_activity_recordings(
+        np.random.default_rng(3), classes=("walk", "run", "sit"), per_class=1, min_len=64, max_len=64)])
+    path = tmp_path / "long.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["time", "acc_x", "acc_y", "acc_z"])
+        writer.writerows([[t, *row] for t, row in enumerate(long)])
+    table = tmp_path / "p.csv"
+    assert predict.main(["-m", str(model), "-i", str(path), "-o", str(table), "--topk", "1"]) == 0
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["window_start"] == "" and [r["window_start"] for r in rows[1:]] == ["0", "64", "128"]
+    assert "[mean of 3 windows]" in capsys.readouterr().out
+
+
+def test_pipeline_under_torchrun_two_processes(tmp_path, recordings):
+    from test_distributed import torchrun
+
+    data, flags = write_layout(tmp_path, "c", recordings)
+    root = Path(__file__).resolve().parents[1]
+    result = torchrun(root / "run_behavior_classification.py", "--full-pipeline", f"--data-dir={data}",
+                      f"--output={tmp_path / 'out'}", "--models", "cnn", *FAST, "--epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "out" / "training.log").read_text()
+    assert "2 processes on gloo" in log and "done: best model cnn" in log
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"]["cnn"]["samples"] == results["windows"]["test"]  # every test window once

@@ -378,10 +378,9 @@ def test_patience_0_switches_early_stopping_off(work):
 def test_plain_state_dict_without_img_size_says_which_size_it_assumes(work, tmp_path, capsys):
     plain = tmp_path / "weights.pth"
     torch.save(weights(work / "model" / "mnist_cnn3.pt"), plain)
-    data_dir = load_checkpoint(work / "model" / "mnist_cnn3.pt")["config"]["data_dir"]
+    small = make_ten_class(tmp_path / "small", per_class=3, seed=5)  # 224x224 is slow: few images
     assert finetune_gpu.main([f"--model-path={plain}", "--arch=small_cnn", "--num-classes=10",
-                              f"--data-dir={data_dir}", "--epochs=1", "--check-images=off", *FT,
-                              "--batch-size=64"]) == 0
+                              f"--data-dir={small}", "--val-split=0.34", "--epochs=1", *FT]) == 0
     out = capsys.readouterr().out
     assert "records no preprocessing; using 224x224" in out and "Pass --img-size N" in out
     assert "preprocessing: 224x224" in out
