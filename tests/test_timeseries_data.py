@@ -622,3 +622,21 @@ def test_write_splits_json(recordings_dir, tmp_path):
     assert saved == {"train": data.split_ids["train"], "val": data.split_ids["val"],
                      "test": data.split_ids["test"], "layout": "per-recording"}
     assert [p.name for p in out.parent.iterdir()] == ["splits.json"]  # no temporary file left
+
+
+def test_subjects_doing_every_activity_are_split_as_a_whole(tmp_path, rng):
+    """Wearable exports: every subject does every activity. Bucketing subjects by their majority
+    class would leave one or two per bucket and give training almost none of them."""
+    recs = make_activity_recordings(rng, per_class=8, min_len=100, max_len=100)
+    by_class: dict[str, list] = {}
+    for name, values in recs:
+        by_class.setdefault(name, []).append(values)
+    names = ("walk", "run", "sit")
+    # subject i spends longest on activity i % 3, so the majority classes differ between subjects
+    segments = [(f"s{i}", name, by_class[name][i][: 100 if k == i % 3 else 50])
+                for i in range(8) for k, name in enumerate(names)]
+    data = ts.load_series_data(write_long(tmp_path / "subjects.csv", segments), group_column="subject",
+                               window_size=32, stride=16, seed=42)
+    counts = {split: len(ids) for split, ids in data.split_ids.items()}
+    assert counts == {"train": 6, "val": 1, "test": 1}, counts
+    assert_no_leak(data)

@@ -923,8 +923,13 @@ def _random_split(ids: list[str], y: np.ndarray, classes: list[str], fractions: 
                             f"fractions{' (--test-fraction 0 needs 2)' if need == 3 else ''}")
     names = ["train", "val"] + (["test"] if need == 3 else [])
     rng = random.Random(seed)
+    # Stratify by class when each group holds one class. Groups that hold several (each subject
+    # did every activity) are split together: per-majority buckets of one or two subjects would
+    # each give their val and test group first and leave training almost nothing.
+    single = bool(((counts > 0).sum(axis=1) == 1).all())
+    strata = counts.argmax(axis=1) if single else np.zeros(len(groups), np.int64)
     for _ in range(20):
-        assignment = _shuffle_split(groups, counts.argmax(axis=1), fractions, rng)
+        assignment = _shuffle_split(groups, strata, fractions, rng)
         split_of = np.array([assignment[g] for g in groups])
         missing = [(classes[k], s) for s in names for k in range(len(classes))
                    if not counts[split_of == s, k].any()]
