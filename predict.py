@@ -1,4 +1,4 @@
-"""Run a saved model on image files: the top classes with their probabilities, or masks.
+"""Run a saved model on files: the top classes of images or CSV recordings, or masks.
 
     python predict.py --model ./output/best_model.pth --input photo.jpg
     python predict.py -m best_model.pth -i ./new_images "shots/*.png" --topk 3 --output results.csv
@@ -28,6 +28,7 @@ from common.cli import add_device_args, new_parser, resolve
 from common.data.images import eval_transform, load_rgb
 from common.errors import UserError, run_cli
 from common.inference import LoadedModel, gather_inputs, load_for_inference
+from common.series_tools import add_series_args
 from common.session import start_session
 
 
@@ -52,6 +53,7 @@ def build_parser():
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
     add_device_args(parser)
+    add_series_args(parser)
     return parser
 
 

@@ -10,7 +10,7 @@
 Data (found automatically): one CSV per recording in <class>/ folders (or train/ val/ test/
 split folders holding them); long CSV recordings with a label column (cut into windows); or an
 .npz with X (N, T, C) and y. Outputs in --output: <model>/best_model.pth and checkpoint.pth,
-<model>/confusion_matrix.png, report.md, results.json, splits.json, config.json, training.log.
+<model>/confusion_matrix_test.png, report.md, results.json, splits.json, config.json, training.log.
 """
 from __future__ import annotations
 

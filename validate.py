@@ -31,6 +31,7 @@ from common.errors import UserError, run_cli
 from common.inference import load_for_inference
 from common.metrics import per_class_scores
 from common.reporting import plot_confusion_matrix
+from common.series_tools import add_series_args
 from common.session import start_session
 from common.tasks import ClassificationTask, SegmentationTask
 
@@ -50,6 +51,7 @@ def build_parser():
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
     add_device_args(parser)
+    add_series_args(parser)
     return parser
 
 
@@ -105,7 +107,7 @@ def validate_series(loaded, args, s) -> int:
     from common.series_tools import evaluate_folder
 
     classes = loaded.classes or []
-    totals, count = evaluate_folder(loaded, Path(args.data_dir), s, args.batch_size)
+    totals, count = evaluate_folder(loaded, Path(args.data_dir), s, args.batch_size, args=args)
     metrics = ClassificationTask(len(classes)).summarize(totals)
     scores = per_class_scores(totals["confusion"])
     print(report(metrics, scores, classes, count, unit="windows"))

@@ -251,7 +251,8 @@ def train_and_evaluate(name: str, args: argparse.Namespace, s: Session, data: ts
     seconds = time.perf_counter() - started
     best = torch.load(sub.output / "best_model.pth", map_location="cpu", weights_only=True)
     plain.load_state_dict(best["state_dict"])  # evaluate exactly the file that is shipped
-    result = evaluate_model(plain, task, loaders[final], s, data.classes, sub.output)
+    result = evaluate_model(plain, task, loaders[final], s, data.classes,
+                            sub.output / f"confusion_matrix_{final}.png", f"{name} on the {final} split")
     result["predictions"] = recording_predictions(result.pop("predicted"), data.splits[final].ids,
                                                   data.classes)
     result.update(parameters=sum(p.numel() for p in plain.parameters()), train_seconds=seconds,
@@ -261,26 +262,49 @@ def train_and_evaluate(name: str, args: argparse.Namespace, s: Session, data: ts
 
 
 def evaluate_model(model: torch.nn.Module, task: SeriesTask, loader: Any, s: Session,
-                   classes: list[str], folder: Path) -> dict[str, Any]:
+                   classes: list[str], picture: Path, title: str) -> dict[str, Any]:
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
     predicted: list[torch.Tensor] = []  # argmax per batch, kept on the device until the end
     hook = model.register_forward_hook(lambda _m, _i, out: predicted.append(out.argmax(1)))
-    started = time.perf_counter()
     try:
-        totals = evaluate(model, task, loader, s.precision, s.device)  # ends on the host: synced
+        totals = evaluate(model, task, loader, s.precision, s.device)
     finally:
         hook.remove()
-    elapsed = time.perf_counter() - started
     count = max(int(totals["count"]), 1)
     scores = per_class_scores(totals["confusion"])
     present = [f for f, n in zip(scores["f1"], scores["support"], strict=True) if n > 0]
     if s.is_main:
-        plot_confusion_matrix(totals["confusion"].tolist(), classes, folder / "confusion_matrix.png")
+        plot_confusion_matrix(totals["confusion"].tolist(), classes, picture, title=title)
     return {"test_accuracy": task.summarize(totals)["acc"], "macro_f1": sum(present) / max(len(present), 1),
-            "inference_ms_per_sample": 1000 * elapsed / count, "samples": count,
+            "inference_ms_per_sample": inference_ms(model, loader, s), "samples": count,
             "confusion_matrix": totals["confusion"].tolist(), "per_class_f1": scores["f1"],
             "predicted": torch.cat(predicted).tolist() if predicted else []}
+
+
+@torch.inference_mode()
+def inference_ms(model: torch.nn.Module, loader: Any, s: Session, budget_s: float = 0.3) -> float:
+    """Milliseconds per window of the model alone: the batches are on the device first, one
+    warm-up pass, then repeated passes for at least budget_s (one pass over few windows is noise)."""
+    batches = [x.to(s.device) for x, _ in loader]
+    if not batches:
+        return float("nan")
+    model.eval()
+
+    def one_pass() -> None:
+        for x in batches:
+            with s.precision.autocast():
+                model(x)
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
+
+    one_pass()
+    passes, started = 0, time.perf_counter()
+    while passes < 3 or (time.perf_counter() - started < budget_s and passes < 200):
+        one_pass()
+        passes += 1
+    windows = sum(len(x) for x in batches) * passes
+    return 1000 * (time.perf_counter() - started) / windows
 
 
 def recording_predictions(predicted: list[int], ids: list[str], classes: list[str]) -> dict[str, str]:
@@ -324,6 +348,6 @@ def write_report(out: Path, results: dict[str, dict[str, Any]], data: ts.SeriesD
         lines.append(f"| {name} | {100 * r['test_accuracy']:.2f}% | {r['macro_f1']:.4f} | "
                      f"{r['parameters']:,} | {r['train_seconds']:.1f} | {r['inference_ms_per_sample']:.3f} "
                      f"| `{name}/best_model.pth` |")
-    lines += ["", "Confusion matrices: " + ", ".join(f"`{n}/confusion_matrix.png`" for n in results),
+    lines += ["", "Confusion matrices: " + ", ".join(f"`{n}/confusion_matrix_{final}.png`" for n in results),
               "Split (recording ids per split): `splits.json`. Settings: `config.json`."]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

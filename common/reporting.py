@@ -152,7 +152,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path,
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
-                          path: Path) -> None:
+                          path: Path, title: str = "confusion matrix") -> None:
     n = len(classes)
     size = min(max(4.0, 0.5 * n + 2), 20.0)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -168,7 +168,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
                 value = matrix[i][j]
                 ax.text(j, i, str(value), ha="center", va="center",
                         color="white" if value > peak / 2 else "black", fontsize=8)
-    ax.set_title("confusion matrix")
+    ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
 

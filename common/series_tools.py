@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,32 @@ from .session import Session
 from .tasks import SeriesTask
 
 SERIES_SUFFIXES = {".csv", ".txt", ".tsv"}
+# Reading flags that predict.py and validate.py accept too (they override the checkpoint's).
+TOOL_FLAGS = ("--fill-missing", "--label-column")
+
+
+def add_series_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("behaviour recordings (default: as the checkpoint's training read them)")
+    g.add_argument("--fill-missing", choices=["ffill", "zero"], default=None,
+                   help="fill empty cells instead of stopping")
+    g.add_argument("--label-column", default=None, help="label column of long recordings")
+
+
+def reading_options(pre: dict[str, Any], args: argparse.Namespace | None) -> dict[str, Any]:
+    options = dict(pre.get("options") or {})
+    for key in ("fill_missing", "label_column"):
+        if args is not None and getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def _reworded(exc: UserError, accepted: tuple[str, ...]) -> UserError:
+    """The data module's advice names the training script's flags; here only some exist."""
+    text = str(exc)
+    for flag in re.findall(r"--[a-z][a-z-]*", text):
+        if flag not in accepted:
+            text = text.replace(flag, f"run_behavior_classification.py {flag}")
+    return UserError(text)
 
 
 def gather_recordings(items: list[str]) -> list[Path]:
@@ -50,9 +77,13 @@ def model_input(windows: np.ndarray, pre: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(normed.transpose(0, 2, 1)))
 
 
-def recording_windows(path: Path, pre: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
-    options = {**dict(pre.get("options") or {}), "window_size": int(pre["window_size"])}
-    windows, starts = ts.read_for_prediction(path, options, list(pre["channels"]))
+def recording_windows(path: Path, pre: dict[str, Any], args: argparse.Namespace | None = None
+                      ) -> tuple[torch.Tensor, list[int]]:
+    options = {**reading_options(pre, args), "window_size": int(pre["window_size"])}
+    try:
+        windows, starts = ts.read_for_prediction(path, options, list(pre["channels"]))
+    except UserError as exc:
+        raise _reworded(exc, TOOL_FLAGS) from None
     return model_input(windows, pre), starts
 
 
@@ -72,14 +103,14 @@ def _top(probs: torch.Tensor, classes: list[str], k: int) -> list[dict[str, Any]
 
 
 def predict_recordings(loaded: LoadedModel, paths: list[Path], s: Session, batch_size: int,
-                       topk: int) -> list[dict[str, Any]]:
+                       topk: int, args: argparse.Namespace | None = None) -> list[dict[str, Any]]:
     """One result per recording (its windows' mean probability) with each window's top classes;
     an unreadable file gets its error and the others go on."""
     classes = loaded.classes or []
     results = []
     for path in paths:
         try:
-            x, starts = recording_windows(path, loaded.preprocessing)
+            x, starts = recording_windows(path, loaded.preprocessing, args)
         except UserError as exc:
             results.append({"path": str(path), "predictions": [], "windows": [], "error": str(exc)})
             continue
@@ -118,7 +149,7 @@ def write_predictions(results: list[dict[str, Any]], path: Path) -> None:
 
 def run_predict(loaded: LoadedModel, args: argparse.Namespace, s: Session, output: Path | None) -> int:
     paths = gather_recordings(args.input)
-    results = predict_recordings(loaded, paths, s, args.batch_size, args.topk)
+    results = predict_recordings(loaded, paths, s, args.batch_size, args.topk, args)
     for r in results:
         if r["error"]:
             print(f"{r['path']}: unreadable ({r['error']})")
@@ -134,12 +165,17 @@ def run_predict(loaded: LoadedModel, args: argparse.Namespace, s: Session, outpu
     return 0
 
 
-def labelled_windows(data_dir: Path, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def labelled_windows(data_dir: Path, loaded: LoadedModel, args: argparse.Namespace | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Every window of data_dir with the model's class indices; a class the model does not know
     is an error naming it."""
     pre, classes = loaded.preprocessing, list(loaded.classes or [])
-    X, labels, ids, _ = ts.load_for_evaluation(data_dir, dict(pre.get("options") or {}),
-                                               list(pre["channels"]), int(pre["window_size"]))
+    accepted = TOOL_FLAGS if args is not None and hasattr(args, "fill_missing") else ()
+    try:
+        X, labels, ids, _ = ts.load_for_evaluation(data_dir, reading_options(pre, args),
+                                                   list(pre["channels"]), int(pre["window_size"]))
+    except UserError as exc:
+        raise _reworded(exc, accepted) from None
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise UserError(f"classes in {data_dir} unknown to the model: {', '.join(unknown[:10])} (the model "
@@ -149,9 +185,10 @@ def labelled_windows(data_dir: Path, loaded: LoadedModel) -> tuple[torch.Tensor,
 
 
 def evaluate_folder(loaded: LoadedModel, data_dir: Path, s: Session, batch_size: int,
-                    limit: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                    limit: int | None = None, args: argparse.Namespace | None = None
+                    ) -> tuple[dict[str, torch.Tensor], int]:
     """Totals (loss, accuracy, confusion) of the model on the windows of data_dir."""
-    x, y, _ = labelled_windows(data_dir, loaded)
+    x, y, _ = labelled_windows(data_dir, loaded, args)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)

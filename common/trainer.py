@@ -64,6 +64,9 @@ def place_model(model: nn.Module, args: argparse.Namespace, s: Session, channels
         model.to(memory_format=torch.channels_last)
     s.log(f"model: {description}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     trained = wrap_ddp(model, s.device) if s.ctx.enabled else model
+    if args.compile:
+        s.log("compiling the model (torch.compile): the first steps take longer"
+              + (", on a CPU a minute or more" if s.device.type == "cpu" else ""))
     return (torch.compile(trained) if args.compile else trained), model
 
 

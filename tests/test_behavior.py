@@ -20,7 +20,7 @@ from common.checkpoint import load_checkpoint
 from common.data import timeseries as ts
 from common.envreport import report
 
-FAST = ["--num-workers=0", "--epochs=15", "--batch-size=8", "--lr=0.003", "--width=16", "--log-interval=2",
+FAST = ["--num-workers=0", "--epochs=25", "--batch-size=8", "--lr=0.003", "--width=16", "--log-interval=2",
         "--patience=10"]
 MODELS = ("cnn", "transformer", "fusion")
 
@@ -64,7 +64,7 @@ def test_full_pipeline_each_model_reaches_90_percent(tmp_path, recordings, layou
         assert r["test_accuracy"] >= 0.9, (name, r["test_accuracy"])
         assert 0 <= r["macro_f1"] <= 1 and r["parameters"] > 0 and r["train_seconds"] > 0
         assert (out / name / "best_model.pth").is_file() and (out / name / "checkpoint.pth").is_file()
-        assert (out / name / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / name / "confusion_matrix_test.png").read_bytes()[:4] == b"\x89PNG"
         ckpt = load_checkpoint(out / name / "best_model.pth", task="timeseries")
         assert ckpt["preprocessing"]["channels"] == ["acc_x", "acc_y", "acc_z"] or layout == "c"
     for name in ("report.md", "splits.json", "config.json", "training.log"):
@@ -360,3 +360,27 @@ def test_pipeline_under_torchrun_two_processes(tmp_path, recordings):
     assert "2 processes on gloo" in log and "done: best model cnn" in log
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["models"]["cnn"]["samples"] == results["windows"]["test"]  # every test window once
+
+
+def test_tools_advice_names_flags_they_accept(trained, tmp_path, capsys):
+    import shutil
+
+    import test_model
+
+    data, model = trained
+    rows = sorted((data / "walk").glob("*.csv"))[0].read_text().splitlines()
+    cells = rows[3].split(",")
+    cells[2] = ""
+    rows[3] = ",".join(cells)
+    gap = tmp_path / "gap.csv"
+    gap.write_text("\n".join(rows) + "\n")
+    assert predict.main(["-m", str(model), "-i", str(gap)]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "--fill-missing" in out and "run_behavior_classification.py" not in out
+    assert predict.main(["-m", str(model), "-i", str(gap), "--fill-missing", "ffill"]) == 0
+    assert "1 recording(s) predicted" in capsys.readouterr().out
+    held_out = tmp_path / "held_out" / "walk"
+    held_out.mkdir(parents=True)
+    shutil.copy(gap, held_out / "gap.csv")
+    assert test_model.main(["--model-path", str(model), "--data-dir", str(held_out.parent)]) == 1
+    assert "run_behavior_classification.py --fill-missing" in capsys.readouterr().out  # no such flag here
