@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-from .cli import add_device_args, add_runtime_args, add_training_args, coerce_values, resolve, tristate
+from .cli import (
+    add_device_args,
+    add_runtime_args,
+    add_training_args,
+    coerce_values,
+    read_json_object,
+    resolve,
+    tristate,
+)
 from .data import timeseries as ts
 from .data.loaders import make_loader
 from .distributed import barrier
@@ -81,15 +89,7 @@ def add_behavior_args(parser: argparse.ArgumentParser) -> None:
 
 def read_guide_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """--config FILE.json with the guide's keys or the flag names; unknown keys are an error."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config file {file} does not exist; pass a JSON file such as gpu_config.json")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {file} is not valid JSON ({exc}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {file} must hold a JSON object")
+    file, raw = Path(path), read_json_object(path)
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "dataloader_params":

@@ -131,8 +131,8 @@ def given_on_command_line(parser: argparse.ArgumentParser,
     return {k: v for k, v in vars(ns).items() if v is not _UNSET}
 
 
-def read_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Load --config JSON; keys may use dashes or underscores; unknown keys are an error."""
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A --config file's JSON object; a missing file, bad JSON or another type is one clear line."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file {file} does not exist; pass a JSON file of flag values")
@@ -142,7 +142,12 @@ def read_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser) -
         raise UserError(f"config file {file} is not valid JSON ({exc}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {file} must hold a JSON object of flag values")
-    return coerce_values(raw, parser, source=f"config file {file}")
+    return raw
+
+
+def read_config_file(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Load --config JSON; keys may use dashes or underscores; unknown keys are an error."""
+    return coerce_values(read_json_object(path), parser, source=f"config file {Path(path)}")
 
 
 def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,

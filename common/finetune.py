@@ -151,6 +151,9 @@ def load_source(args: argparse.Namespace) -> Source:
              "metrics": {k: float(v) for k, v in (ckpt.get("metrics") or {}).items()},
              "saved_at": str(ckpt.get("saved_at", "")), "model": str(spec["name"])}
     notes = list(loaded.notes)
+    if loaded.checkpoint is not None and args.arch and args.arch != spec["name"]:
+        notes.append(f"notice: --arch {args.arch} is ignored: {path.name} records its architecture "
+                     f"({spec['name']})")
     if loaded.checkpoint is None and not args.img_size:
         notes.append("notice: the file records no preprocessing; using 224x224 and ImageNet mean/std. "
                      "Pass --img-size N if the model was trained at another size")
@@ -266,7 +269,8 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
         model, lineage = source.model, source.lineage
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         info = {"best_file": output_name(source.path), "parent": source.path.name,
-                "tensorboard": str(Path(args.log_dir) / f"{info_stem(source)}_{stamp}")}
+                # absolute: a resume from another folder goes on in the same TensorBoard run
+                "tensorboard": str((Path(args.log_dir) / f"{info_stem(source)}_{stamp}").resolve())}
     report = apply_freezing(model, conv=args.freeze_conv, bn=args.freeze_bn, until=args.freeze_until)
     s.log(report.line())
     if (args.freeze_conv or args.freeze_until) and not args.freeze_bn:

@@ -8,7 +8,7 @@ with --arch/--num-classes, and a whole pickled model only with --trust-checkpoin
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,15 +109,17 @@ def _from_state_dict(raw: Any, file: Path, device: torch.device, arch: str | Non
                        preprocessing(img_size, IMAGENET_MEAN, IMAGENET_STD), spec, None, [note])
 
 
-def gather_inputs(items: Iterable[str]) -> list[Path]:
-    """Files, folders (recursively, images only) and glob patterns, in order, without repeats."""
+def gather_inputs(items: Iterable[str], accept: Callable[[Path], bool] = is_image_file,
+                  kind: str = "images") -> list[Path]:
+    """Files, folders (recursively, the files `accept` takes) and glob patterns, in order,
+    without repeats."""
     found: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if is_image_file(p))
+            matches = sorted(p for p in path.rglob("*") if accept(p))
             if not matches:
-                raise UserError(f"folder {path} holds no images")
+                raise UserError(f"folder {path} holds no {kind}")
         elif path.is_file():
             matches = [path]
         elif glob.has_magic(item):
@@ -125,6 +127,6 @@ def gather_inputs(items: Iterable[str]) -> list[Path]:
             if not matches:
                 raise UserError(f"no file matches {item!r}")
         else:
-            raise UserError(f"input {path} does not exist; pass image files, folders or globs")
+            raise UserError(f"input {path} does not exist; pass {kind} (files), folders or globs")
         found += matches
     return list(dict.fromkeys(found))

@@ -4,7 +4,6 @@ columns, the window length, the reading options and the training set's normalisa
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from .data import timeseries as ts
 from .engine import evaluate
 from .errors import UserError
-from .inference import LoadedModel
+from .inference import LoadedModel, gather_inputs
 from .session import Session
 from .tasks import SeriesTask
 
@@ -49,26 +48,13 @@ def _reworded(exc: UserError, accepted: tuple[str, ...]) -> UserError:
     return UserError(text)
 
 
+def is_recording_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in SERIES_SUFFIXES and not path.name.startswith(".")
+
+
 def gather_recordings(items: list[str]) -> list[Path]:
     """CSV files, folders (recursively) and glob patterns, in order, without repeats."""
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*")
-                             if p.is_file() and p.suffix.lower() in SERIES_SUFFIXES)
-            if not matches:
-                raise UserError(f"folder {path} holds no CSV recordings")
-        elif path.is_file():
-            matches = [path]
-        elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise UserError(f"no file matches {item!r}")
-        else:
-            raise UserError(f"input {path} does not exist; pass CSV recordings, folders or globs")
-        found += matches
-    return list(dict.fromkeys(found))
+    return gather_inputs(items, accept=is_recording_file, kind="CSV recordings")
 
 
 def model_input(windows: np.ndarray, pre: dict[str, Any]) -> torch.Tensor:
