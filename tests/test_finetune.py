@@ -396,3 +396,40 @@ def test_checkpoints_are_readable_like_other_files(work):
     for name in ("mnist_cnn3_finetuned.pt", "checkpoint.pth"):
         mode = stat.S_IMODE((work / "result" / name).stat().st_mode)
         assert mode == 0o666 & ~mask, (name, oct(mode))
+
+
+def test_whole_pickled_model_needs_trust_and_arch(work, tmp_path, capsys):
+    from common.models import model_from_spec
+
+    ckpt = load_checkpoint(work / "model" / "mnist_cnn3.pt")
+    model = model_from_spec(ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"])
+    pickled = tmp_path / "whole.pt"
+    torch.save(model, pickled)
+    data = [f"--data-dir={ckpt['config']['data_dir']}", "--img-size=32"]
+    assert finetune_gpu.main([f"--model-path={pickled}", *data, *FT]) == 2
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert finetune_gpu.main([f"--model-path={pickled}", "--trust-checkpoint", *data, *FT]) == 2
+    assert "pass --arch NAME" in capsys.readouterr().err
+    assert finetune_gpu.main([f"--model-path={pickled}", "--trust-checkpoint", "--arch=small_cnn", *data,
+                              "--epochs=1", *FT]) == 0
+    rebuilt = load_checkpoint(work / "result" / "whole_finetuned.pt")  # safe to load: plain types only
+    assert rebuilt["model"]["name"] == "small_cnn" and rebuilt["lineage"][0]["file"] == "whole.pt"
+
+
+def test_light_augmentation_is_the_eval_pipeline_plus_a_small_rotation():
+    from argparse import Namespace
+
+    from torchvision import transforms as T
+
+    from common.finetune import _preparation
+
+    pre = {"img_size": 32, "resize_size": 37, "mean": [0.5] * 3, "std": [0.25] * 3, "channels": 3}
+    prep = _preparation(Namespace(img_size=None, augment=False, no_hflip=False), pre)
+    steps = prep.train_transform(prep.pre).transforms
+    names = [type(t).__name__ for t in steps]
+    assert names == ["ToRGB", "Resize", "CenterCrop", "RandomRotation", "ToTensor", "Normalize"]
+    assert steps[3].degrees == [-10.0, 10.0]
+    recipe = _preparation(Namespace(img_size=48, augment=True, no_hflip=False), pre)
+    assert recipe.pre["img_size"] == 48 and recipe.pre["resize_size"] == round(48 / (32 / 37))
+    assert any(isinstance(t, T.RandomResizedCrop) for t in recipe.train_transform(recipe.pre).transforms)
