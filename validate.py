@@ -102,28 +102,6 @@ def validate_segmentation(loaded, args, s) -> int:
     return 0
 
 
-def validate_series(loaded, args, s) -> int:
-    """A behaviour model on every window of a folder (or CSV / .npz file) of recordings."""
-    from common.series_tools import evaluate_folder
-
-    classes = loaded.classes or []
-    totals, count = evaluate_folder(loaded, Path(args.data_dir), s, args.batch_size, args=args)
-    metrics = ClassificationTask(len(classes)).summarize(totals)
-    scores = per_class_scores(totals["confusion"])
-    print(report(metrics, scores, classes, count, unit="windows"))
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion_matrix(totals["confusion"].tolist(), classes, out_dir / "confusion_matrix.png")
-    print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")
-    if args.results_file:
-        result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "windows": count,
-                  "metrics": metrics, "classes": classes, "per_class": scores,
-                  "confusion_matrix": totals["confusion"].tolist()}
-        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"results: {args.results_file}")
-    return 0
-
-
 def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)
     s = start_session(args, None)
@@ -132,7 +110,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if loaded.task == "segmentation":
         return validate_segmentation(loaded, args, s)
     if loaded.task == "timeseries":
-        return validate_series(loaded, args, s)
+        from common.series_tools import validate_recordings
+
+        return validate_recordings(loaded, args, s, report)
     classes = loaded.classes or []
     samples = load_samples(Path(args.data_dir), classes, args)
     loader = make_loader(ImageDataset(samples, eval_transform(loaded.preprocessing)), args.batch_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,28 @@ def evaluate_folder(loaded: LoadedModel, data_dir: Path, s: Session, batch_size:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
     task = SeriesTask(len(loaded.classes or []))
     return evaluate(loaded.model, task, loader, s.precision, s.device), len(y)
+
+
+def validate_recordings(loaded: LoadedModel, args: argparse.Namespace, s: Session,
+                        report: Callable[..., str]) -> int:
+    """validate.py for a behaviour model: every window of a folder (or CSV / .npz file) of
+    recordings; `report` is validate.py's table of metrics and per-class scores."""
+    from .metrics import per_class_scores
+    from .reporting import plot_confusion_matrix
+
+    classes = loaded.classes or []
+    totals, count = evaluate_folder(loaded, Path(args.data_dir), s, args.batch_size, args=args)
+    metrics = SeriesTask(len(classes)).summarize(totals)
+    scores = per_class_scores(totals["confusion"])
+    print(report(metrics, scores, classes, count, unit="windows"))
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(totals["confusion"].tolist(), classes, out_dir / "confusion_matrix.png")
+    print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")
+    if args.results_file:
+        result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "windows": count,
+                  "metrics": metrics, "classes": classes, "per_class": scores,
+                  "confusion_matrix": totals["confusion"].tolist()}
+        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"results: {args.results_file}")
+    return 0
