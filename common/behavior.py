@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import checkpoint as ckpt_lib
 from .cli import (
     add_device_args,
     add_runtime_args,
@@ -33,7 +35,7 @@ from .errors import UserError
 from .metrics import per_class_scores
 from .models import build_model
 from .reporting import attach_log_file, plot_confusion_matrix
-from .session import Session, _archive_previous_run, check_positive, save_run_config
+from .session import Session, archive_previous_run, check_positive, save_run_config
 from .tasks import SeriesTask
 from .trainer import Job, in_session, place_model, run_job
 
@@ -205,7 +207,7 @@ def make_loaders(args: argparse.Namespace, s: Session, data: ts.SeriesData, stat
 def _open_results(s: Session, data: ts.SeriesData) -> None:
     """Move an earlier run aside, start training.log, write the split; data is known good here."""
     if s.is_main:
-        _archive_previous_run(s.output, RESULT_FILES)
+        archive_previous_run(s.output, RESULT_FILES)
         s.output.mkdir(parents=True, exist_ok=True)
         attach_log_file(s.output)
         ts.write_splits_json(data, s.output / "splits.json")
@@ -235,8 +237,6 @@ def _pipeline(args: argparse.Namespace, s: Session) -> int:
 
 def train_and_evaluate(name: str, args: argparse.Namespace, s: Session, data: ts.SeriesData,
                        stats: dict[str, Any], loaders: dict[str, Any], final: str) -> dict[str, Any]:
-    from dataclasses import replace
-
     sub = replace(s, output=s.output / name, log_file=False)
     s.log(f"== {name} ==")
     model, spec = build_model(name, len(data.classes), in_chans=len(data.channels), width=args.width,
@@ -249,7 +249,7 @@ def train_and_evaluate(name: str, args: argparse.Namespace, s: Session, data: ts
     started = time.perf_counter()
     state = run_job(args, sub, job, None)
     seconds = time.perf_counter() - started
-    best = torch.load(sub.output / "best_model.pth", map_location="cpu", weights_only=True)
+    best = ckpt_lib.load_checkpoint(sub.output / "best_model.pth", task=TASK)
     plain.load_state_dict(best["state_dict"])  # evaluate exactly the file that is shipped
     result = evaluate_model(plain, task, loaders[final], s, data.classes,
                             sub.output / f"confusion_matrix_{final}.png", f"{name} on the {final} split")
@@ -334,7 +334,7 @@ def write_report(out: Path, results: dict[str, dict[str, Any]], data: ts.SeriesD
     payload = {"evaluated_on": final, "classes": list(data.classes), "channels": list(data.channels),
                "window_size": data.window_size, "layout": data.layout,
                "windows": {k: int(len(v.y)) for k, v in data.splits.items()},
-               "models": {name: {k: v for k, v in r.items()} for name, r in results.items()}}
+               "models": results}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     lines = ["# Behaviour classification results", "",
              f"Data: `{args.data_glob or args.data_dir}`, {data.layout} layout, {len(data.channels)} "

@@ -239,13 +239,10 @@ def fit_classes(source: Source, data: ClassificationData, args: argparse.Namespa
                         f"({', '.join(want[:10])}); pass --num-classes {len(want)}")
     replace_head(model, len(want), always=True)
     spec["kwargs"] = {**spec["kwargs"], "num_classes": len(want)}
+    before = len(have) if have else source.spec["kwargs"]["num_classes"]
     log(f"classes: new classifier head for the {len(want)} classes of {where} "
-        f"({', '.join(want[:10])}); the model had {len(have) if have else spec_classes(source)}")
+        f"({', '.join(want[:10])}); the model had {before}")
     return spec
-
-
-def spec_classes(source: Source) -> int:
-    return int(source.spec["kwargs"]["num_classes"])
 
 
 def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: Source | None) -> int:

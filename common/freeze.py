@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -50,13 +49,13 @@ def freeze_batchnorm(model: nn.Module) -> int:
     return count
 
 
-def _freeze_prefix(model: nn.Module, last: Callable[[list[tuple[str, nn.Parameter]]], int]) -> int:
-    """Freeze the parameters up to and including index last(named_parameters)."""
+def _freeze_through(model: nn.Module, targets: set[int]) -> None:
+    """Freeze every parameter up to and including the last one of `targets` (parameter ids),
+    in registration order."""
     named = list(model.named_parameters())
-    upto = last(named)
+    upto = max(i for i, (_, p) in enumerate(named) if id(p) in targets)
     for _, param in named[: upto + 1]:
         param.requires_grad_(False)
-    return upto + 1
 
 
 def freeze_conv(model: nn.Module) -> None:
@@ -66,11 +65,7 @@ def freeze_conv(model: nn.Module) -> None:
     if not conv_params:
         raise UserError(f"--freeze-conv: {type(model).__name__} has no convolution layers; "
                         "use --freeze-until NAME instead")
-
-    def last_conv(named):
-        return max(i for i, (_, p) in enumerate(named) if id(p) in conv_params)
-
-    _freeze_prefix(model, last_conv)
+    _freeze_through(model, conv_params)
 
 
 def freeze_until(model: nn.Module, name: str) -> None:
@@ -86,11 +81,7 @@ def freeze_until(model: nn.Module, name: str) -> None:
     if not own:
         raise UserError(f"--freeze-until {name!r}: that module has no parameters; name a layer "
                         "with weights")
-
-    def last_own(named):
-        return max(i for i, (_, p) in enumerate(named) if id(p) in own)
-
-    _freeze_prefix(model, last_own)
+    _freeze_through(model, own)
 
 
 def apply_freezing(model: nn.Module, *, conv: bool, bn: bool, until: str | None) -> FreezeReport:

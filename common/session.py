@@ -95,7 +95,7 @@ def open_output(s: Session, resuming: bool, run_files: tuple[str, ...] = ()) -> 
     this recipe writes (moved aside with the rest)."""
     if s.is_main and s.output is not None:
         if not resuming:
-            _archive_previous_run(s.output, run_files)
+            archive_previous_run(s.output, run_files)
         s.output.mkdir(parents=True, exist_ok=True)
         for stale in s.output.glob(".*.pth.*.tmp"):  # left by a process killed while saving
             stale.unlink(missing_ok=True)
@@ -107,7 +107,7 @@ def open_output(s: Session, resuming: bool, run_files: tuple[str, ...] = ()) -> 
     barrier()
 
 
-def _archive_previous_run(output: Path, run_files: tuple[str, ...] = ()) -> None:
+def archive_previous_run(output: Path, run_files: tuple[str, ...] = ()) -> None:
     """A new run in a folder that holds an earlier run moves that run aside, never over it."""
     present = [name for name in dict.fromkeys((*RUN_FILES, *run_files)) if (output / name).exists()]
     present += [p.name for p in output.glob("checkpoint_epoch*.pth")]
