@@ -30,17 +30,17 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from common.checkpoint import VERSION, sha256_of
 from common.cli import new_parser, resolve
-from common.device import select_device
 from common.errors import UserError, run_cli
-from common.inference import LoadedModel, load_for_inference
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from common.inference import LoadedModel
 
 DEFAULT_OPSET = 18
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer only
@@ -133,6 +133,10 @@ def model_name(loaded: LoadedModel) -> str:
 
 
 def base_metadata(loaded: LoadedModel, opset: int) -> dict[str, str]:
+    import torch
+
+    from common.checkpoint import VERSION, sha256_of
+
     source = str(loaded.spec.get("source", "unknown")) if loaded.spec else "pickled module"
     meta = {"format": METADATA_FORMAT, "format_version": str(VERSION), "task": loaded.task,
             "model_name": model_name(loaded), "model_source": source,
@@ -185,6 +189,8 @@ def native_output_to(buffer: io.StringIO) -> Iterator[None]:
 def export_model(model: nn.Module, name: str, example: torch.Tensor, path: Path, spec: ExportSpec,
                  opset: int, dynamic: bool, verbose: bool) -> str:
     """Write the graph to `path`; returns which exporter wrote it."""
+    import torch
+
     names = {"input_names": [INPUT_NAME], "output_names": [spec.output_name], "opset_version": opset}
     log = io.StringIO()
     try:
@@ -302,6 +308,8 @@ def onnxruntime_session(path: Path) -> Any:
 
 def torch_outputs(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     """The PyTorch model's output; a model that cannot take this input is a UserError."""
+    import torch
+
     try:
         with torch.inference_mode():
             out = model(x)
@@ -316,6 +324,8 @@ def torch_outputs(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def onnx_outputs(session: Any, x: torch.Tensor) -> np.ndarray:
+    import numpy as np
+
     try:
         return np.asarray(session.run(None, {INPUT_NAME: x.numpy()})[0])
     except Exception as exc:  # onnxruntime's own exception types
@@ -326,6 +336,9 @@ def onnx_outputs(session: Any, x: torch.Tensor) -> np.ndarray:
 def max_differences(model: nn.Module, session: Any, spec: ExportSpec,
                     batches: Sequence[int]) -> dict[int, float]:
     """Largest |onnxruntime - PyTorch| per batch size, on the same random inputs."""
+    import numpy as np
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     diffs = {}
     for batch in batches:
@@ -399,7 +412,12 @@ def summary(path: Path, exporter: str, opset: int, diffs: dict[int, float], atol
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, _ = resolve(build_parser(), argv)
+    args, _ = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
+    import torch  # before onnx (check_args), as when torch was imported at the top
+
+    from common.device import select_device
+    from common.inference import load_for_inference
+
     check_args(args)
     out = output_path(args)
     device = select_device(args.device, log=print)

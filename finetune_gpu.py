@@ -17,11 +17,12 @@ TensorBoard goes to --log-dir (default ./logs_finetune), one sub-folder per run.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-from common.cli import new_parser
+from common.cli import new_parser, parse_early
 from common.errors import run_cli
-from common.finetune import add_finetune_args, resolve_args, train
+from common.finetune_args import add_finetune_args
 
 
 def build_parser():
@@ -31,7 +32,12 @@ def build_parser():
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, ckpt, source = resolve_args(build_parser(), argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    parse_early(parser, argv)  # --help and a bad flag answer before torch loads
+    from common.finetune import resolve_args, train
+
+    args, ckpt, source = resolve_args(parser, argv)
     return train(args, ckpt, source)
 
 

@@ -6,6 +6,8 @@
         --label-smoothing 0.1
     python gpu_train.py --resume ./output/checkpoint.pth --epochs 100
     python gpu_train.py --dataset cifar10 --data-dir ./data --download --model resnet18
+    python gpu_train.py --recipe cifar10 --dataset cifar10 --data-dir ./data --download
+    python gpu_train.py --recipe cifar10 --dataset cifar10 --data-dir ./data --devices 0,1
     python gpu_train.py --list-models
 
 ./dataset holds train/<class>/*.jpg and val/<class>/*.jpg (without val/, --val-split of train/
@@ -14,10 +16,11 @@ metrics.csv, config.json, tensorboard/, curves.png.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-from common.classify import add_classification_args, resolve_args, train
-from common.cli import new_parser
+from common.classify_args import add_classification_args
+from common.cli import new_parser, parse_early
 from common.errors import run_cli
 
 
@@ -28,8 +31,15 @@ def build_parser():
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, ckpt = resolve_args(build_parser(), argv)
-    return train(args, ckpt)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    parse_early(parser, argv)  # --help and a bad flag answer before torch loads
+    from common.classify import resolve_args, train
+    from common.launch import launch_devices
+
+    args, ckpt = resolve_args(parser, argv)
+    code = launch_devices(__file__, args, argv)  # --devices 0,1: one DDP process per GPU
+    return train(args, ckpt) if code is None else code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from common.classify import add_classification_args, resolve_args, train
-from common.cli import new_parser
+from common.classify_args import add_classification_args
+from common.cli import new_parser, parse_early
 from common.errors import run_cli
-from common.launch import processes_to_launch, relaunch, under_torchrun
 
 
 def build_parser():
@@ -39,7 +38,15 @@ def build_parser():
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, ckpt = resolve_args(build_parser(), argv)
+    parser = build_parser()
+    parse_early(parser, argv)  # --help and a bad flag answer before torch loads
+    from common.classify import resolve_args, train
+    from common.launch import launch_devices, processes_to_launch, relaunch, under_torchrun
+
+    args, ckpt = resolve_args(parser, argv)
+    if args.devices is not None:  # the CIFAR notes' --devices 0,1
+        code = launch_devices(__file__, args, argv)
+        return train(args, ckpt) if code is None else code
     if args.distributed and not under_torchrun() and not args.list_models:
         nproc = processes_to_launch(args.nproc_per_node, args.no_gpu)
         if nproc > 1:

@@ -18,18 +18,14 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-from common import segment_predict
 from common.cli import add_device_args, new_parser, resolve
-from common.data.images import eval_transform, load_rgb
 from common.errors import UserError, run_cli
-from common.inference import LoadedModel, gather_inputs, load_for_inference
-from common.series_tools import add_series_args
-from common.session import start_session
+from common.series_args import add_series_args
+
+if TYPE_CHECKING:
+    from common.inference import LoadedModel
 
 
 def build_parser():
@@ -57,11 +53,17 @@ def build_parser():
     return parser
 
 
-class ImageFiles(Dataset):
-    """(tensor, index, error) per file: an unreadable file gives an error string, not a crash."""
+class ImageFiles:
+    """(tensor, index, error) per file: an unreadable file gives an error string, not a crash.
+    A map-style dataset (the DataLoader needs only __len__ and __getitem__): no torch base class,
+    so that this module loads without torch."""
 
     def __init__(self, paths: Sequence[Path], pre: dict[str, Any]):
-        self.paths, self.transform = list(paths), eval_transform(pre)
+        import torch
+
+        from common.data.images import eval_transform, load_rgb
+
+        self.paths, self.transform, self.load = list(paths), eval_transform(pre), load_rgb
         self.blank = torch.zeros(pre.get("channels", 3), pre["img_size"], pre["img_size"])
 
     def __len__(self) -> int:
@@ -69,26 +71,29 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(load_rgb(self.paths[index])), index, ""
+            return self.transform(self.load(self.paths[index])), index, ""
         except (OSError, SyntaxError, ValueError) as exc:
             return self.blank, index, " ".join(str(exc).split()) or type(exc).__name__
 
 
-@torch.inference_mode()
 def predict(loaded: LoadedModel, paths: Sequence[Path], s, batch_size: int, topk: int
             ) -> list[dict[str, Any]]:
     """Top-k per file. Results stay on the device until the end: one host read in all."""
+    import torch
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(ImageFiles(paths, loaded.preprocessing), batch_size=batch_size,
                         num_workers=s.num_workers, pin_memory=s.pin_memory)
     tops, order, failures = [], [], {}
-    for images, indices, errors in loader:
-        with s.precision.autocast():
-            logits = loaded.model(images.to(s.device, non_blocking=True))
-        tops.append(logits.float().softmax(dim=1).topk(min(topk, logits.shape[1]), dim=1))
-        order += indices.tolist()
-        failures.update({i: e for i, e in zip(indices.tolist(), errors, strict=True) if e})
-    probs = torch.cat([t.values for t in tops]).tolist() if tops else []
-    labels = torch.cat([t.indices for t in tops]).tolist() if tops else []
+    with torch.inference_mode():
+        for images, indices, errors in loader:
+            with s.precision.autocast():
+                logits = loaded.model(images.to(s.device, non_blocking=True))
+            tops.append(logits.float().softmax(dim=1).topk(min(topk, logits.shape[1]), dim=1))
+            order += indices.tolist()
+            failures.update({i: e for i, e in zip(indices.tolist(), errors, strict=True) if e})
+        probs = torch.cat([t.values for t in tops]).tolist() if tops else []
+        labels = torch.cat([t.indices for t in tops]).tolist() if tops else []
     classes = loaded.classes or []
     results: list[dict[str, Any]] = []
     for index, row_p, row_c in zip(order, probs, labels, strict=True):
@@ -116,9 +121,13 @@ def write_results(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, _ = resolve(build_parser(), argv)
+    args, _ = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
     if args.topk < 1 or args.batch_size < 1:
         raise UserError("--topk and --batch-size must be 1 or more")
+    from common import segment_predict
+    from common.inference import gather_inputs, load_for_inference
+    from common.session import start_session
+
     s = start_session(args, None)
     loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
                                 trust=args.trust_checkpoint)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from common.behavior import add_behavior_args, resolve_args, run
-from common.cli import new_parser
+from common.behavior_args import add_behavior_args
+from common.cli import new_parser, parse_early
 from common.errors import run_cli
 from common.launch import processes_to_launch, relaunch, under_torchrun
 
@@ -31,7 +31,11 @@ def build_parser():
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = resolve_args(build_parser(), argv)
+    parser = build_parser()
+    parse_early(parser, argv)  # --help and a bad flag answer before torch loads
+    from common.behavior import resolve_args, run
+
+    args = resolve_args(parser, argv)
     if args.test_gpu:
         from common.envreport import report
 

@@ -37,33 +37,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from common.checkpoint import FORMAT, VERSION, sha256_of
 from common.cli import add_device_args, new_parser, resolve
-from common.data import segmentation as seg
-from common.data.images import (
-    ImageDataset,
-    eval_transform,
-    samples_for_classes,
-    scan_class_folders,
-)
-from common.data.loaders import make_loader
-from common.device import (
-    default_num_workers,
-    describe,
-    resolve_pin_memory,
-    select_device,
-    set_memory_fraction,
-)
-from common.engine import evaluate
 from common.errors import UserError, run_cli, user_message
-from common.inference import LoadedModel, load_for_inference
-from common.models import find_source
-from common.precision import Precision, make_precision
-from common.session import check_positive
-from common.tasks import ClassificationTask, SegmentationTask, SeriesTask
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.inference import LoadedModel
+    from common.precision import Precision
 
 MARKS = {"pass": "\u2705", "fail": "\u274c", "skip": "\u2796"}  # check mark, cross, heavy minus
 ASCII_MARKS = {"pass": "[PASS]", "fail": "[FAIL]", "skip": "[SKIP]"}
@@ -125,6 +108,12 @@ def setup(argv: Sequence[str] | None) -> Run:
     args, given = resolve(parser, argv)
     if not args.model_path:
         parser.error("the following arguments are required: --model-path (or --model)")
+    # --help, a bad flag and a missing --model-path are answered above, before torch loads
+    from common.device import select_device, set_memory_fraction
+    from common.models import find_source
+    from common.precision import make_precision
+    from common.session import check_positive
+
     check_positive(args, "batches", "batch_size", "img_size")
     if args.num_classes is not None:
         check_positive(args, "num_classes")
@@ -140,6 +129,8 @@ def setup(argv: Sequence[str] | None) -> Run:
 # ---------------------------------------------------------------- 1. file integrity
 
 def check_integrity(run: Run) -> Result:
+    from common.checkpoint import sha256_of
+
     path = Path(run.args.model_path)
     loaded, problem = _load(run, path)
     if loaded is None:
@@ -158,6 +149,11 @@ def check_integrity(run: Run) -> Result:
 
 def _load(run: Run, path: Path) -> tuple[LoadedModel | None, str]:
     """The model on the CPU, or None and the one-line reason it cannot be loaded."""
+    import torch
+
+    from common.checkpoint import FORMAT, VERSION
+    from common.inference import load_for_inference
+
     args = run.args
     try:
         loaded = load_for_inference(path, torch.device("cpu"),
@@ -176,6 +172,8 @@ def _load(run: Run, path: Path) -> tuple[LoadedModel | None, str]:
 
 
 def _kind(loaded: LoadedModel) -> str:
+    from common.checkpoint import FORMAT
+
     if loaded.checkpoint is not None:
         return f"{FORMAT} v{loaded.checkpoint.get('version', '?')}"
     return "a plain state_dict" if loaded.spec is not None else "a whole pickled model"
@@ -230,6 +228,8 @@ def _ignored_flags(run: Run) -> list[str]:
 
 def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
     """Names of the floating-point tensors holding NaN or Inf, with how many of each."""
+    import torch
+
     found = []
     for name, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
@@ -250,6 +250,8 @@ def _names(items: Sequence[str], limit: int) -> str:
 # ---------------------------------------------------------------- 2. device
 
 def check_device(run: Run) -> Result:
+    import torch
+
     device, details = run.device, list(run.notices)
     if device.type == "cuda":
         return _cuda_device(run, details)
@@ -261,6 +263,10 @@ def check_device(run: Run) -> Result:
 
 
 def _cuda_device(run: Run, details: list[str]) -> Result:
+    import torch
+
+    from common.device import describe
+
     device = run.device
     try:
         props = torch.cuda.get_device_properties(device)
@@ -277,6 +283,8 @@ def _cuda_device(run: Run, details: list[str]) -> Result:
 
 
 def _why_cpu(args: argparse.Namespace) -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "a GPU is present but not used (--no-gpu or --device cpu)"
     if torch.version.cuda is None:
@@ -288,6 +296,8 @@ def _why_cpu(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------- 3. forward pass
 
 def check_forward(run: Run) -> Result:
+    import torch
+
     if run.loaded is None:
         return Result("skip", "needs a model that loads (check 1 failed)")
     if not run.device_ok:
@@ -308,6 +318,8 @@ def check_forward(run: Run) -> Result:
 
 
 def _forward(run: Run, inputs: torch.Tensor) -> object:
+    import torch
+
     device = run.device
     model = run.loaded.model.to(device)
     if device.type == "cuda":
@@ -323,6 +335,8 @@ def _forward(run: Run, inputs: torch.Tensor) -> object:
 
 
 def _check_outputs(run: Run, shape: tuple[int, ...], outputs: object) -> Result:
+    import torch
+
     if not torch.is_tensor(outputs):
         return Result("fail", f"the model returns {type(outputs).__name__}, not a tensor of class scores")
     expected = run.loaded.num_classes
@@ -341,6 +355,8 @@ def _check_outputs(run: Run, shape: tuple[int, ...], outputs: object) -> Result:
 
 
 def _check_mask_outputs(run: Run, shape: tuple[int, ...], outputs: torch.Tensor) -> Result:
+    import torch
+
     classes = run.loaded.spec["kwargs"]["num_classes"]
     want = (shape[0], classes, shape[2], shape[3])
     if tuple(outputs.shape) != want:
@@ -353,6 +369,11 @@ def _check_mask_outputs(run: Run, shape: tuple[int, ...], outputs: torch.Tensor)
 
 def _segmentation_eval(run: Run) -> Result:
     """Dice and IoU on the first --batches x --batch-size pairs of data-dir/imgs + masks/."""
+    from common.data import segmentation as seg
+    from common.data.loaders import make_loader
+    from common.engine import evaluate
+    from common.tasks import SegmentationTask
+
     args = run.args
     pairs = seg.find_pairs(Path(args.data_dir))[: args.batches * args.batch_size]
     dataset = seg.SegmentationDataset(pairs, run.loaded.checkpoint["mask_values"],
@@ -368,6 +389,7 @@ def _segmentation_eval(run: Run) -> Result:
 def _series_eval(run: Run) -> Result:
     """Accuracy on the first --batches x --batch-size windows of a folder of recordings."""
     from common.series_tools import evaluate_folder
+    from common.tasks import SeriesTask
 
     args = run.args
     totals, count = evaluate_folder(run.loaded, Path(args.data_dir), run, args.batch_size,
@@ -381,6 +403,12 @@ def _series_eval(run: Run) -> Result:
 # ---------------------------------------------------------------- 4. quick evaluation
 
 def check_evaluation(run: Run) -> Result:
+    from common.data.images import ImageDataset, eval_transform
+    from common.data.loaders import make_loader
+    from common.device import default_num_workers, resolve_pin_memory
+    from common.engine import evaluate
+    from common.tasks import ClassificationTask
+
     args = run.args
     if not args.data_dir:
         task = run.loaded.task if run.loaded is not None else "classification"
@@ -413,6 +441,8 @@ def check_evaluation(run: Run) -> Result:
 
 def eval_samples(data_dir: Path, run: Run) -> tuple[list[tuple[str, int]], list[str]]:
     """A random sample (seed 0) of --batches x --batch-size images, labelled by class name."""
+    from common.data.images import samples_for_classes, scan_class_folders
+
     loaded, details = run.loaded, []
     if loaded.checkpoint is not None and loaded.classes:
         classes = loaded.classes
@@ -443,6 +473,8 @@ def check_memory(run: Run) -> Result:
 
 
 def _gpu_memory(run: Run) -> Result:
+    import torch
+
     if run.forward_peak is None:
         return Result("skip", "needs a forward pass on the GPU (check 3)")
     total = torch.cuda.get_device_properties(run.device).total_memory

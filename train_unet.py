@@ -14,11 +14,12 @@ turns on gradient checkpointing, then halves the micro-batch, and goes on.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-from common.cli import new_parser
+from common.cli import new_parser, parse_early
 from common.errors import run_cli
-from common.segment import add_segmentation_args, resolve_args, train
+from common.segment_args import add_segmentation_args
 
 
 def build_parser():
@@ -28,7 +29,12 @@ def build_parser():
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, ckpt = resolve_args(build_parser(), argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    parse_early(parser, argv)  # --help and a bad flag answer before torch loads
+    from common.segment import resolve_args, train
+
+    args, ckpt = resolve_args(parser, argv)
     return train(args, ckpt)
 
 

@@ -15,25 +15,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from common.cli import add_device_args, new_parser, resolve
-from common.data import segmentation as seg
-from common.data.images import (
-    ImageDataset,
-    check_images,
-    eval_transform,
-    samples_for_classes,
-)
-from common.data.loaders import make_loader
-from common.engine import evaluate
 from common.errors import UserError, run_cli
-from common.inference import load_for_inference
-from common.metrics import per_class_scores
-from common.reporting import plot_confusion_matrix
-from common.series_tools import add_series_args
-from common.session import start_session
-from common.tasks import ClassificationTask, SegmentationTask
+from common.series_args import add_series_args
 
 
 def build_parser():
@@ -56,6 +40,8 @@ def build_parser():
 
 
 def load_samples(data_dir: Path, classes: Sequence[str], args) -> list[tuple[str, int]]:
+    from common.data.images import check_images, samples_for_classes
+
     samples = samples_for_classes(data_dir, classes)
     bad = check_images([p for p, _ in samples], args.check_images)
     if bad and not args.skip_bad_images:
@@ -81,6 +67,11 @@ def report(metrics: dict, scores: dict, classes: Sequence[str], count: int, unit
 def validate_segmentation(loaded, args, s) -> int:
     """Dice and IoU (per image, averaged) on data-dir/imgs + data-dir/masks, at the checkpoint's
     scale; mask values come from the checkpoint (an unknown value is an error naming the file)."""
+    from common.data import segmentation as seg
+    from common.data.loaders import make_loader
+    from common.engine import evaluate
+    from common.tasks import SegmentationTask
+
     pairs = seg.find_pairs(Path(args.data_dir))
     seg.check_pairs(pairs, args.check_images, show_progress=True)
     mask_values = (loaded.checkpoint or {}).get("mask_values")
@@ -103,7 +94,18 @@ def validate_segmentation(loaded, args, s) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, _ = resolve(build_parser(), argv)
+    args, _ = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
+    import torch
+
+    from common.data.images import ImageDataset, eval_transform
+    from common.data.loaders import make_loader
+    from common.engine import evaluate
+    from common.inference import load_for_inference
+    from common.metrics import per_class_scores
+    from common.reporting import plot_confusion_matrix
+    from common.session import start_session
+    from common.tasks import ClassificationTask
+
     s = start_session(args, None)
     loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
                                 trust=args.trust_checkpoint)

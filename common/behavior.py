@@ -18,15 +18,8 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt_lib
-from .cli import (
-    add_device_args,
-    add_runtime_args,
-    add_training_args,
-    coerce_values,
-    read_json_object,
-    resolve,
-    tristate,
-)
+from .behavior_args import MODELS
+from .cli import coerce_values, read_json_object, resolve
 from .data import timeseries as ts
 from .data.loaders import make_loader
 from .distributed import barrier
@@ -40,7 +33,6 @@ from .tasks import SeriesTask
 from .trainer import Job, in_session, place_model, run_job
 
 TASK = "timeseries"
-MODELS = ("cnn", "transformer", "fusion")
 QUICK_START = {"epochs": 8}
 # The guide's gpu_config.json keys -> flag names (use_gpu is the opposite of --no-gpu).
 GUIDE_KEYS = {"data_dir": "data_dir", "batch_size": "batch_size", "learning_rate": "lr",
@@ -48,45 +40,6 @@ GUIDE_KEYS = {"data_dir": "data_dir", "batch_size": "batch_size", "learning_rate
               "use_amp": "amp", "compile_model": "compile", "multi_gpu": "multi_gpu"}
 LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "drop_last")
 RESULT_FILES = ("report.md", "results.json", "splits.json", *MODELS)
-
-
-def add_behavior_args(parser: argparse.ArgumentParser) -> None:
-    r = parser.add_argument_group("what to run")
-    r.add_argument("--full-pipeline", action="store_true",
-                   help="check the data, train and evaluate every --models, compare them (the default)")
-    r.add_argument("--quick-start", action="store_true", help="the pipeline with few epochs, for a first try")
-    r.add_argument("--test-gpu", action="store_true", help="report the GPU environment and exit")
-    d = parser.add_argument_group("data")
-    d.add_argument("--data-dir", default="./hyx_data", help="folder (or one CSV / .npz file) of recordings")
-    d.add_argument("--data-glob", help='merge several folders, e.g. "./*_data"')
-    d.add_argument("--label-column", default="label", help="label column of long recordings (label)")
-    d.add_argument("--group-column", help="recording / subject / session id column of long recordings")
-    d.add_argument("--time-column", help="time index column (t, time and timestamp are found by name)")
-    d.add_argument("--channels", help="channel columns, comma-separated (default: every numeric column)")
-    d.add_argument("--window-size", type=int, help="steps per window (default: median recording length)")
-    d.add_argument("--stride", type=int,
-                   help="steps between windows of long recordings (default: half a window)")
-    d.add_argument("--pure-windows", action="store_true", help="drop windows that mix labels")
-    d.add_argument("--fill-missing", choices=["ffill", "zero"], help="fill empty cells instead of stopping")
-    d.add_argument("--val-fraction", type=float, default=0.15, help="recordings for validation (0.15)")
-    d.add_argument("--test-fraction", type=float, default=0.15, help="recordings for the test (0.15)")
-    m = parser.add_argument_group("models")
-    m.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
-                   help="models to train and compare (default: cnn transformer fusion)")
-    m.add_argument("--width", type=int, default=64, help="channels / embedding size (default: 64)")
-    m.add_argument("--depth", type=int, default=2, help="residual blocks / encoder layers (default: 2)")
-    o = parser.add_argument_group("output")
-    o.add_argument("--output", default="./behavior_results", help="results folder (./behavior_results)")
-    add_training_args(parser, batch_size=32, epochs=100, lr=1e-3, patience=10)
-    add_device_args(parser, amp_aliases=("--mixed-precision",))
-    g = parser.add_argument_group("data loading and processes")
-    g.add_argument("--persistent-workers", type=tristate, nargs="?", const=True, default=True,
-                   help="keep DataLoader workers between epochs (default: true)")
-    g.add_argument("--prefetch-factor", type=int, default=4, help="batches each worker loads ahead (4)")
-    g.add_argument("--drop-last", action="store_true", help="drop the last, smaller training batch")
-    g.add_argument("--multi-gpu", action="store_true",
-                   help="train with DDP on every visible GPU (launches torchrun itself)")
-    add_runtime_args(parser)
 
 
 def read_guide_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -47,10 +47,12 @@ def library_versions() -> dict[str, str]:
 
 def make_payload(model: nn.Module, *, task: str, model_spec: Mapping[str, Any],
                  meta: Mapping[str, Any], metrics: Mapping[str, float],
-                 config: Mapping[str, Any], train_state: Mapping[str, Any] | None = None
-                 ) -> dict[str, Any]:
-    """Build the checkpoint dict. `meta` holds the task's own keys (classes, preprocessing)."""
-    state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
+                 config: Mapping[str, Any], train_state: Mapping[str, Any] | None = None,
+                 to_host: bool = True) -> dict[str, Any]:
+    """Build the checkpoint dict. `meta` holds the task's own keys (classes, preprocessing).
+    to_host=False leaves the weights where they are, for a saver that copies them itself."""
+    state = {k: (v.detach().cpu() if to_host else v.detach())
+             for k, v in unwrap_model(model).state_dict().items()}
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,

@@ -3,6 +3,7 @@ its data, its model, and train() which wires them into the engine."""
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt_lib
-from .cli import add_device_args, add_runtime_args, add_training_args, inheritable, resolve
+from .classify_args import DEMO_PRESET, add_classification_args, add_distributed_args  # noqa: F401
+from .cli import inheritable, resolve
 from .data.builtin import TORCHVISION_SETS, make_demo_dataset, torchvision_classes, torchvision_dataset
+from .data.fast_path import classification_batches
 from .data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,87 +25,36 @@ from .data.images import (
     eval_transform,
     folder_splits,
     preprocessing,
+    samples_for_classes,
     train_transform,
 )
 from .data.loaders import make_loader
 from .device import resolve_channels_last
 from .distributed import barrier, restart_count
+from .engine import evaluate
 from .errors import UserError
+from .mixing import make_mixer
 from .models import build_model, list_models, load_weights_file
-from .session import (
-    Session,
-    check_positive,
-)
+from .recipes import describe_recipes, describe_resolved, recipe_layer
+from .session import Session, check_positive
 from .tasks import ClassificationTask
 from .trainer import Job, in_session, place_model, run_job
 
 TASK = "classification"
-DEMO_PRESET = {"model": "small_cnn", "img_size": 64, "epochs": 12, "batch_size": 32, "lr": 3e-3,
-               "weight_decay": 1e-4, "data_dir": "./demo_data", "output": "./demo_output",
-               "warmup_epochs": 1.0}
-
-
-def add_classification_args(parser: argparse.ArgumentParser) -> None:
-    d = parser.add_argument_group("data")
-    d.add_argument("--data-dir", default="./dataset",
-                   help="folder with train/ and val/ class folders (default: ./dataset)")
-    d.add_argument("--dataset", choices=["imagefolder", *TORCHVISION_SETS], default="imagefolder",
-                   help="imagefolder (default) or a torchvision set read from --data-dir")
-    d.add_argument("--download", action="store_true", help="download --dataset (needs internet)")
-    d.add_argument("--val-split", type=float, default=0.2,
-                   help="fraction of train/ held out when there is no val/ folder (default: 0.2)")
-    d.add_argument("--img-size", type=int, default=224, help="input size in pixels (default: 224)")
-    d.add_argument("--no-hflip", action="store_true",
-                   help="no horizontal flips (for data where mirroring changes the class)")
-    d.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
-                   help="check every image before epoch 1 (default: fast)")
-    d.add_argument("--skip-bad-images", action="store_true",
-                   help="train without unreadable images (listed in bad_images.txt) instead of stopping")
-    m = parser.add_argument_group("model")
-    m.add_argument("--model", default="efficientnet_b0",
-                   help="torchvision or timm name, or small_cnn (default: efficientnet_b0)")
-    m.add_argument("--num-classes", type=int, default=None,
-                   help="number of classes (default: counted from the class folders)")
-    m.add_argument("--pretrained", action="store_true",
-                   help="start from the library's weights (needs network)")
-    m.add_argument("--weights", metavar="PATH", help="start from weights in a local file")
-    m.add_argument("--list-models", action="store_true", help="list the model names and exit")
-    o = parser.add_argument_group("output")
-    o.add_argument("--output", default="./output", help="output folder (default: ./output)")
-    o.add_argument("--demo", action="store_true",
-                   help="write a small built-in two-class image set and train on it")
-    o.add_argument("--demo-images", type=int, default=200,
-                   help="images per class of the --demo set (default: 200)")
-    add_training_args(parser, batch_size=32, epochs=50, lr=1e-3)
-    add_device_args(parser)
-    add_runtime_args(parser)
-    add_distributed_args(parser)
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """Settings that matter under torchrun (harmless in a single process)."""
-    g = parser.add_argument_group("distributed (under torchrun)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="batch-norm statistics over all processes (SyncBatchNorm)")
-    g.add_argument("--lr-scale", choices=["none", "linear"], default="none",
-                   help="linear: multiply --lr by global batch / --base-batch-size (default: none)")
-    g.add_argument("--base-batch-size", type=int, default=None,
-                   help="batch size --lr was tuned for (default: --batch-size x accumulation, "
-                        "so --lr-scale linear scales by the number of processes)")
-    g.add_argument("--dist-timeout", type=float, default=1800.0,
-                   help="seconds a process waits for the others before the job fails (1800)")
-
-
 def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
-    """Layers: defaults < --config < presets (--demo, --dataset) < checkpoint (--resume) < argv."""
+    """Layers: defaults < --recipe < --config < presets (--demo, --dataset) < checkpoint (--resume)
+    < argv."""
     first, given = resolve(parser, argv)
+    base = recipe_layer(first.recipe, parser)
+    if base:
+        first, given = resolve(parser, argv, base=base)
     layers: list[dict[str, Any]] = []
     if first.demo:
         layers.append(DEMO_PRESET)
     if first.dataset in TORCHVISION_SETS:
         layers.append({"img_size": TORCHVISION_SETS[first.dataset][3]})
     ckpt = None
-    auto = Path(resolve(parser, argv, layers)[0].output) / "checkpoint.pth"  # with the presets
+    auto = Path(resolve(parser, argv, layers, base=base)[0].output) / "checkpoint.pth"  # with the presets
     if not first.resume and restart_count() > 0 and auto.is_file():
         first.resume = str(auto)  # torchrun restarted the job (--max-restarts): continue it
         argv = [*(argv or []), "--resume", str(auto)]
@@ -110,7 +62,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
         ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
         layers.append(inheritable(ckpt.get("config", {}), parser))
         layers.append({"output": str(Path(first.resume).parent)})
-    args, _ = resolve(parser, argv, layers)
+    args, given = resolve(parser, argv, layers, base=base)
+    args._given = given  # a set: kept out of config.json, read for the recipe's log line
     return args, ckpt
 
 
@@ -121,6 +74,7 @@ class Preparation:
     built from it instead of the training recipe's augmentation."""
     pre: dict[str, Any] | None = None
     train_transform: Callable[[dict[str, Any]], Any] | None = None
+    batch_kind: str | None = None  # the same augmentation on the cached path (data/fast_path.py)
 
 
 @dataclass
@@ -135,7 +89,7 @@ class ClassificationData:
 def _train_tf(args, prep: Preparation, pre: dict[str, Any]):
     if prep.train_transform is not None:
         return prep.train_transform(pre)
-    return train_transform(pre, hflip=not args.no_hflip)
+    return train_transform(pre, hflip=not args.no_hflip, kind=getattr(args, "augment", "standard"))
 
 
 def _torchvision_data(args, s: Session, prep: Preparation) -> tuple[list[str], Any, Any, dict[str, Any], str]:
@@ -190,14 +144,20 @@ def build_data(args: argparse.Namespace, s: Session, prep: Preparation | None = 
     if len(classes) < 2:
         raise UserError(f"{args.data_dir} has only one class ({classes[0]}); classification needs "
                         "at least two class folders")
-    loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
-                   "rank": s.ctx.rank, "world_size": s.ctx.world_size}
-    return ClassificationData(
-        classes=classes,
-        train_loader=make_loader(train, args.batch_size, train=True, seed=args.seed, **loader_args),
-        val_loader=make_loader(val, args.batch_size, train=False, **loader_args),
-        preprocessing=pre,
-        description=f"{description}: {len(train)} train / {len(val)} val images, {len(classes)} classes")
+    kind = prep.batch_kind or getattr(args, "augment", "standard")
+    cached = classification_batches(train, val, pre, args, s, kind)
+    if cached is not None:
+        train_loader, val_loader = cached
+        sizes = f"{cached[0].dataset_size} train / {cached[1].dataset_size} val"
+    else:
+        loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
+                       "rank": s.ctx.rank, "world_size": s.ctx.world_size}
+        train_loader = make_loader(train, args.batch_size, train=True, seed=args.seed, **loader_args)
+        val_loader = make_loader(val, args.batch_size, train=False, **loader_args)
+        sizes = f"{len(train)} train / {len(val)} val"
+    return ClassificationData(classes=classes, train_loader=train_loader, val_loader=val_loader,
+                              preprocessing=pre,
+                              description=f"{description}: {sizes} images, {len(classes)} classes")
 
 
 def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
@@ -211,6 +171,9 @@ def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
 
 
 def train(args: argparse.Namespace, ckpt: dict | None) -> int:
+    if args.recipe == "list":
+        print(describe_recipes())
+        return 0
     if args.list_models:
         for source, names in list_models().items():
             print(f"{source} ({len(names)}): {' '.join(names)}")
@@ -220,6 +183,8 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
 
 
 def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
+    if args.recipe:
+        s.log(describe_resolved(args.recipe, args, getattr(args, "_given", ())))
     data = build_data(args, s)
     s.log(f"data: {data.description}")
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
@@ -227,11 +192,48 @@ def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
                         f"{args.data_dir} ({', '.join(data.classes)}); resume on the same data")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
+    test_loader = _test_loader(args, s, data)
     job = Job(task=ClassificationTask(len(data.classes), args.label_smoothing), model=model,
               plain=plain, spec=spec, meta={"classes": data.classes, "preprocessing": data.preprocessing},
               train_loader=data.train_loader, val_loader=data.val_loader, channels_last=channels_last,
               summary=lambda st: (f"done: best val accuracy {100 * st.best_metric:.2f}% at epoch "
                                   f"{st.best_epoch}; best model {s.output / 'best_model.pth'}, "
-                                  f"resume state {s.output / 'checkpoint.pth'}"))
+                                  f"resume state {s.output / 'checkpoint.pth'}"),
+              batch_transform=make_mixer(len(data.classes), args.mixup, args.cutmix, args.mix_prob))
     run_job(args, s, job, ckpt)
+    if test_loader is not None:
+        evaluate_best_on_test(s, job, test_loader)
     return 0
+
+
+def _test_loader(args: argparse.Namespace, s: Session, data: ClassificationData):
+    """--test: the test split. A torchvision set's test set is also its validation set here (the
+    notes' protocol); a folder's is DATA_DIR/test/ in the model's class order."""
+    if not getattr(args, "test", False):
+        return None
+    if args.dataset in TORCHVISION_SETS:
+        s.log(f"--test: {args.dataset} has no separate validation split; val is its test set")
+        return data.val_loader
+    test_dir = Path(args.data_dir) / "test"
+    if not test_dir.is_dir():
+        s.log(f"notice: --test: no {test_dir} folder, so no test-set evaluation at the end")
+        return None
+    samples = samples_for_classes(test_dir, data.classes)
+    return make_loader(ImageDataset(samples, eval_transform(data.preprocessing)), args.batch_size,
+                       train=False, num_workers=s.num_workers, pin_memory=s.pin_memory,
+                       rank=s.ctx.rank, world_size=s.ctx.world_size)
+
+
+def evaluate_best_on_test(s: Session, job: Job, loader) -> dict[str, float]:
+    """best_model.pth on the test split: a log line and test_metrics.json."""
+    best = s.output / job.best_name
+    ckpt = ckpt_lib.load_checkpoint(best, task=TASK)
+    ckpt_lib.load_state_dict_checked(job.plain, ckpt["state_dict"], str(best))
+    totals = evaluate(job.plain, job.task, loader, s.precision, s.device, channels_last=job.channels_last)
+    metrics = job.task.summarize(totals)
+    metrics["images"] = int(totals["count"])
+    if s.is_main:
+        (s.output / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        s.log(f"test: accuracy {100 * metrics['acc']:.2f}% (loss {metrics['loss']:.4f}) on "
+              f"{metrics['images']} images with {best}; written to {s.output / 'test_metrics.json'}")
+    return metrics

@@ -131,6 +131,11 @@ def given_on_command_line(parser: argparse.ArgumentParser,
     return {k: v for k, v in vars(ns).items() if v is not _UNSET}
 
 
+def parse_early(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """Answer --help and reject a mistyped flag before a script imports torch (seconds)."""
+    given_on_command_line(parser, argv)
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """A --config file's JSON object; a missing file, bad JSON or another type is one clear line."""
     file = Path(path)
@@ -169,15 +174,16 @@ def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,
 
 def resolve(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
             layers: Iterable[Mapping[str, Any]] = (),
-            read_config: Callable[[str, argparse.ArgumentParser], dict[str, Any]] | None = None
-            ) -> tuple[argparse.Namespace, set[str]]:
-    """Resolve the config: defaults < --config < layers < command line.
+            read_config: Callable[[str, argparse.ArgumentParser], dict[str, Any]] | None = None,
+            base: Mapping[str, Any] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """Resolve the config: defaults < base (a --recipe) < --config < layers < command line.
 
     Returns the namespace and the set of keys the user typed on the command line.
     read_config: how the script reads --config (default: flag names as keys).
     """
     given = given_on_command_line(parser, argv)
     values = {dest: action.default for dest, action in _dest_map(parser).items()}
+    values.update(base or {})
     if given.get("config"):
         values.update((read_config or read_config_file)(given["config"], parser))
     for layer in layers:

@@ -33,6 +33,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     stop_best: float | None = None  # early stopping on another metric (lower is better), e.g. val loss
     stop_epoch: int = 0
+    best_from_ema: bool = False  # the best model so far is the weights' moving average (--ema)
 
     def stop_improved(self, value: float | None, min_delta: float) -> bool:
         """Record `value` of the early-stopping metric (lower is better)."""
@@ -55,14 +56,16 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "history": [dict(h) for h in self.history],
-                "stop_best": self.stop_best, "stop_epoch": self.stop_epoch}
+                "stop_best": self.stop_best, "stop_epoch": self.stop_epoch,
+                "best_from_ema": self.best_from_ema}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         return cls(epoch=int(data["epoch"]), step=int(data["step"]),
                    best_metric=data.get("best_metric"), best_epoch=int(data.get("best_epoch", 0)),
                    history=[dict(h) for h in data.get("history", [])],
-                   stop_best=data.get("stop_best"), stop_epoch=int(data.get("stop_epoch", 0)))
+                   stop_best=data.get("stop_best"), stop_epoch=int(data.get("stop_epoch", 0)),
+                   best_from_ema=bool(data.get("best_from_ema", False)))
 
 
 @dataclass
@@ -75,6 +78,9 @@ class StepConfig:
     show_progress: bool = True
     splits: int = 1                      # chunks per loaded batch (raised by OOM recovery)
     recovery: OOMRecovery | None = None  # None: an out-of-memory error propagates
+    # On each loaded batch, once, on the device (MixUp/CutMix): (inputs, targets) -> (inputs, targets)
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    ema: Any = None  # common.ema.EMA, updated after every optimizer step
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +142,8 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
     with tqdm(total=n_batches, desc=desc, leave=False, disable=not cfg.show_progress,
               dynamic_ncols=True, mininterval=0.5) as bar:
         for i, batch in enumerate(loader):
+            if cfg.batch_transform is not None:
+                batch = cfg.batch_transform(*_to_device(batch, device, cfg.channels_last))
             group_start = (i // accumulate) * accumulate
             group_size = min(accumulate, n_batches - group_start)
             if i == group_start:
@@ -146,6 +154,8 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
                                     device, cfg, group_size, last_in_group)
             if last_in_group:
                 _optimizer_step(model, optimizer, precision, cfg.clip_grad)
+                if cfg.ema is not None:
+                    cfg.ema.update()
                 schedule.step()
                 state.step += 1
             bar.update(1)
@@ -251,13 +261,19 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
             val = task.summarize(evaluate(plain, task, val_loader, precision, device,
                                           channels_last=step_cfg.channels_last))
             record.update({f"val_{k}": v for k, v in val.items()})
+            if step_cfg.ema is not None:
+                ema_val = task.summarize(evaluate(step_cfg.ema.module, task, val_loader, precision,
+                                                  device, channels_last=step_cfg.channels_last))
+                record.update({f"val_ema_{k}": v for k, v in ema_val.items()})
             schedule.epoch_end(val.get("loss"))
         record.update(lr=schedule.lr, samples_per_s=train["samples_per_s"],
                       epoch_time=time.perf_counter() - started)
         state.epoch = epoch + 1
         state.history.append(record)
-        monitored = record.get(f"val_{task.monitor}", record.get(f"train_{task.monitor}"))
+        monitored, from_ema = _monitored(record, task.monitor)
         improved = state.improved(monitored, min_delta)
+        if improved:
+            state.best_from_ema = from_ema
         if improved and restore_best:
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
         if on_epoch_end is not None:
@@ -270,6 +286,16 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
         plain.load_state_dict(best_weights)
         log(f"restored the best weights (epoch {state.best_epoch})")
     return state
+
+
+def _monitored(record: dict[str, float], monitor: str) -> tuple[float | None, bool]:
+    """The value that picks the best model (validation, else training), and whether it is the
+    moving average's (--ema), when that is the better of the two."""
+    value = record.get(f"val_{monitor}", record.get(f"train_{monitor}"))
+    ema = record.get(f"val_ema_{monitor}")
+    if ema is not None and (value is None or math.isnan(value) or ema > value):
+        return ema, True
+    return value, False
 
 
 def _should_stop(state: TrainState, monitor: str, stop_on: str | None, patience: int,

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_lib
-from .classify import ClassificationData, Preparation, add_distributed_args, build_data
-from .cli import add_device_args, add_runtime_args, add_training_args, inheritable, resolve
-from .data.builtin import TORCHVISION_SETS
+from .classify import ClassificationData, Preparation, build_data
+from .cli import inheritable, resolve
 from .data.images import light_transform, preprocessing, train_transform
 from .device import resolve_channels_last
 from .distributed import restart_count
@@ -36,50 +35,6 @@ TASK = "classification"
 SUFFIX = "_finetuned"
 # Settings of the base model's run that decide which images are its validation set.
 DATA_KEYS = ("dataset", "data_dir", "val_split", "seed", "no_hflip")
-
-
-def add_finetune_args(parser: argparse.ArgumentParser) -> None:
-    m = parser.add_argument_group("the model to fine-tune")
-    m.add_argument("--model-path", metavar="FILE",
-                   help="best_model.pth, checkpoint.pth or a *_finetuned.pt of this toolkit, or a plain "
-                        "state_dict with --arch/--num-classes")
-    m.add_argument("--arch", metavar="NAME", help="architecture of a plain state_dict or a pickled model")
-    m.add_argument("--num-classes", type=int, default=None,
-                   help="a new classifier head with this many classes (data with other classes than "
-                        "the model's); for a plain state_dict: its number of classes")
-    m.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a whole pickled model (runs code from the file: only for files you trust)")
-    f = parser.add_argument_group("freezing")
-    f.add_argument("--freeze-conv", action="store_true",
-                   help="freeze every convolution: only the layers after the last one train")
-    f.add_argument("--freeze-bn", action="store_true",
-                   help="batch norm in eval mode: running statistics and affine parameters unchanged")
-    f.add_argument("--freeze-until", metavar="MODULE",
-                   help="freeze the parameters up to and including this module (e.g. features.1)")
-    d = parser.add_argument_group("data (default: the data the model was trained on)")
-    d.add_argument("--data-dir", default=None, help="folder of images, or of a torchvision set")
-    d.add_argument("--dataset", choices=["imagefolder", *TORCHVISION_SETS], default=None,
-                   help="imagefolder or a torchvision set (default: the model's)")
-    d.add_argument("--download", action="store_true", help="download --dataset (needs internet)")
-    d.add_argument("--val-split", type=float, default=0.2,
-                   help="fraction of train/ held out when there is no val/ folder (default: the model's)")
-    d.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    d.add_argument("--augment", action="store_true",
-                   help="the training recipe's augmentation instead of the light one (rotation 10 degrees)")
-    d.add_argument("--no-hflip", action="store_true", help="no horizontal flips with --augment")
-    d.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
-                   help="check every image before epoch 1 (default: fast)")
-    d.add_argument("--skip-bad-images", action="store_true",
-                   help="train without unreadable images instead of stopping")
-    o = parser.add_argument_group("output")
-    o.add_argument("--output", default="./result",
-                   help="folder of MODEL_finetuned.pt, checkpoint.pth, training.log (default: ./result)")
-    o.add_argument("--log-dir", default="./logs_finetune",
-                   help="TensorBoard folder, one sub-folder per run (default: ./logs_finetune)")
-    add_training_args(parser, batch_size=256, epochs=30, lr=1e-3, patience=15)
-    add_device_args(parser)
-    add_runtime_args(parser)
-    add_distributed_args(parser)
 
 
 @dataclass
@@ -194,8 +149,8 @@ def _preparation(args: argparse.Namespace, base: dict[str, Any]) -> Preparation:
         crop = pre["img_size"] / pre["resize_size"] if pre.get("resize_size") else 0.875
         pre = preprocessing(args.img_size, pre["mean"], pre["std"], crop_pct=crop)
     if args.augment:
-        return Preparation(pre, lambda p: train_transform(p, hflip=not args.no_hflip))
-    return Preparation(pre, light_transform)
+        return Preparation(pre, lambda p: train_transform(p, hflip=not args.no_hflip), "standard")
+    return Preparation(pre, light_transform, "light")
 
 
 def _data(args: argparse.Namespace, s: Session, base_pre: dict[str, Any], recorded: str | None

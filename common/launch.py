@@ -1,13 +1,12 @@
 """Starting a script's own DDP job without torchrun: torch.distributed.run on this machine over
-every visible GPU (or N CPU processes on gloo), re-running the script with its arguments."""
+every visible GPU (or N CPU processes on gloo), re-running the script with its arguments.
+torch is imported inside the functions: the scripts import this module before parsing."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Mapping, Sequence
 
 from .errors import UserError
 
@@ -18,20 +17,72 @@ def launch_command(script: str, nproc: int, max_restarts: int, argv: Sequence[st
             os.path.abspath(script), *argv]
 
 
+def _gpus(no_gpu: bool) -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() and not no_gpu else 0
+
+
 def processes_to_launch(nproc_per_node: int | None, no_gpu: bool) -> int:
     if nproc_per_node is not None:
         if nproc_per_node < 1:
             raise UserError(f"--nproc-per-node must be 1 or more, got {nproc_per_node}")
         return nproc_per_node
-    return torch.cuda.device_count() if torch.cuda.is_available() and not no_gpu else 1
+    return max(_gpus(no_gpu), 1)
 
 
 def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def relaunch(script: str, nproc: int, max_restarts: int, argv: Sequence[str], no_gpu: bool) -> int:
+def relaunch(script: str, nproc: int, max_restarts: int, argv: Sequence[str], no_gpu: bool,
+             env: Mapping[str, str] | None = None) -> int:
     """Run the job under torch.distributed.run and wait for it; returns its exit code."""
-    kind = "GPUs" if torch.cuda.is_available() and not no_gpu else "CPU, gloo"
+    kind = "GPUs" if _gpus(no_gpu) else "CPU, gloo"
     print(f"launching {nproc} processes with torch.distributed.run ({kind})", flush=True)
-    return subprocess.call(launch_command(script, nproc, max_restarts, argv))
+    return subprocess.call(launch_command(script, nproc, max_restarts, argv),
+                           env={**os.environ, **env} if env else None)
+
+
+def parse_devices(text: str, visible: int) -> list[int]:
+    """--devices as Lightning reads it: 'auto' (every visible GPU), 'N' (the first N) or a list
+    '0,1' (those indices among the visible GPUs)."""
+    value = str(text).strip().strip("[]()").replace(" ", "")
+    if value in {"auto", "-1"}:
+        return list(range(visible))
+    try:
+        if "," not in value:
+            count = int(value)
+            if count < 1:
+                raise ValueError
+            ids = list(range(count))
+        else:
+            ids = [int(part) for part in value.split(",") if part]
+    except ValueError:
+        raise UserError(f"--devices {text!r}: expected auto, a number of GPUs (2) or a list of GPU "
+                        "indices (0,1)") from None
+    wrong = [i for i in ids if i < 0 or i >= visible]
+    if wrong or len(set(ids)) != len(ids):
+        raise UserError(f"--devices {text!r} names GPU(s) {wrong or ids} but {visible} GPU(s) are "
+                        f"visible (indices 0-{visible - 1}); pick among them")
+    return ids
+
+
+def launch_devices(script: str, args, argv: Sequence[str], log=print) -> int | None:
+    """--devices outside torchrun: the exit code of the DDP job it launched over several GPUs, or
+    None to train in this process (on the one GPU named, which goes to args.gpu_id)."""
+    devices = getattr(args, "devices", None)
+    if devices is None or under_torchrun() or getattr(args, "list_models", False):
+        return None
+    visible = _gpus(args.no_gpu)
+    if visible == 0:
+        log(f"notice: --devices {devices}: no GPU visible, training on the CPU in one process")
+        return None
+    ids = parse_devices(devices, visible)
+    if len(ids) == 1:
+        args.gpu_id = ids[0]
+        return None
+    mapping = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = [p.strip() for p in mapping.split(",")] if mapping else [str(i) for i in range(visible)]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(physical[i] for i in ids)}
+    return relaunch(script, len(ids), getattr(args, "max_restarts", 0), argv, args.no_gpu, env)

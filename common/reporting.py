@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import logging.handlers
 import os
@@ -10,12 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 LOGGER_NAME = "toolkit"
+
+
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported on the first plot: importing
+    this module (every script does) does not load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def setup_logging(enabled: bool = True) -> logging.Logger:
@@ -60,6 +68,8 @@ def format_epoch(record: dict[str, float], epochs: int, improved: bool) -> str:
             text = f"{split} loss {record[f'{split}_loss']:.4f}"
             if f"{split}_acc" in record:
                 text += f" acc {100 * record[f'{split}_acc']:.2f}%"
+            if f"{split}_ema_acc" in record:
+                text += f" (ema {100 * record[f'{split}_ema_acc']:.2f}%)"
             parts.append(text)
     parts.append(f"lr {record['lr']:.2e}")
     parts.append(f"{record['samples_per_s']:.0f} img/s")
@@ -125,6 +135,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path,
     baseline: validation metrics of the model before training (fine-tuning), drawn as a dashed line."""
     if not history:
         return
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     metric = next((m for m in ("acc", "dice") if f"val_{m}" in history[0]
                    or f"train_{m}" in history[0]), None)
@@ -153,6 +164,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path,
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
                           path: Path, title: str = "confusion matrix") -> None:
+    plt = _pyplot()
     n = len(classes)
     size = min(max(4.0, 0.5 * n + 2), 20.0)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -176,7 +188,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     os.replace(tmp, path)
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_lib
-from .cli import add_device_args, add_runtime_args, add_training_args, inheritable, resolve
+from .cli import inheritable, resolve
 from .data import segmentation as seg
+from .data.fast_path import segmentation_batches
 from .data.loaders import make_loader
 from .device import resolve_channels_last
 from .distributed import barrier
@@ -26,32 +27,6 @@ TASK = "segmentation"
 # ~0.94 in about 40 s on 2 CPU cores (the seed is part of it: seed 42 stalls near 0.75).
 DEMO_PRESET = {"epochs": 10, "batch_size": 8, "lr": 1e-3, "scale": 1.0, "width": 16,
                "optimizer": "adam", "weight_decay": 0.0, "seed": 0}
-
-
-def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
-    d = parser.add_argument_group("data")
-    d.add_argument("--data-dir", default="data/", help="folder with imgs/ and masks/ (default: data/)")
-    d.add_argument("-s", "--scale", type=float, default=0.5, help="downscaling factor of the images (0.5)")
-    d.add_argument("-v", "--validation", type=float, default=10.0,
-                   help="percent of the pairs used for validation (default: 10.0)")
-    d.add_argument("-c", "--classes", type=int, default=2, help="number of classes (default: 2)")
-    d.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
-                   help="check every image and mask before epoch 1 (default: fast)")
-    d.add_argument("--demo", action="store_true",
-                   help="write a generated set of ellipses and rectangles to --data-dir and train on it")
-    m = parser.add_argument_group("model")
-    m.add_argument("--bilinear", action="store_true", help="bilinear upsampling (default: transposed conv)")
-    m.add_argument("--width", type=int, default=64, help="channels of the first U-Net block (default: 64)")
-    m.add_argument("-f", "--load", metavar="PATH",
-                   help="start from weights: a checkpoint of this toolkit or another U-Net trainer's .pth")
-    o = parser.add_argument_group("output")
-    o.add_argument("--output", default="checkpoints/", help="output folder (default: checkpoints/)")
-    o.add_argument("--keep-last", type=int, default=0,
-                   help="keep only the last K checkpoint_epoch{N}.pth files (default: 0, keep all)")
-    add_training_args(parser, batch_size=1, epochs=5, lr=1e-5, short_flags=True)
-    parser.set_defaults(early_stopping_patience=10, min_delta=0.001, weight_decay=1e-8)
-    add_device_args(parser)
-    add_runtime_args(parser)
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict | None]:
@@ -83,6 +58,9 @@ def build_data(args: argparse.Namespace, s: Session):
     val_set = seg.SegmentationDataset(val, mask_values, args.scale, augment=False)
     s.log(f"data: {data_dir}: {len(train)} train / {len(val)} val pairs, mask values {mask_values}, "
           f"scale {args.scale}")
+    cached = segmentation_batches(train, val, mask_values, args, s)
+    if cached is not None:
+        return (*cached, mask_values, val_set)
     return (make_loader(train_set, args.batch_size, train=True, seed=args.seed, **loader_args),
             make_loader(val_set, args.batch_size, train=False, **loader_args), mask_values, val_set)
 

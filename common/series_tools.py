@@ -25,13 +25,6 @@ SERIES_SUFFIXES = {".csv", ".txt", ".tsv"}
 TOOL_FLAGS = ("--fill-missing", "--label-column")
 
 
-def add_series_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("behaviour recordings (default: as the checkpoint's training read them)")
-    g.add_argument("--fill-missing", choices=["ffill", "zero"], default=None,
-                   help="fill empty cells instead of stopping")
-    g.add_argument("--label-column", default=None, help="label column of long recordings")
-
-
 def reading_options(pre: dict[str, Any], args: argparse.Namespace | None) -> dict[str, Any]:
     options = dict(pre.get("options") or {})
     for key in ("fill_missing", "label_column"):

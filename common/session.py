@@ -41,9 +41,11 @@ from .reporting import (
     setup_logging,
     write_metrics_csv,
 )
+from .saver import BackgroundSaver, atomic_write
 
 RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
-             "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png", "val_samples.png")
+             "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png", "val_samples.png",
+             "test_metrics.json")
 
 
 @dataclass
@@ -142,7 +144,7 @@ class EpochWriter:
                  schedule: Schedule, epochs: int, extra_state: Callable[[], dict] | None = None,
                  keep_last: int | None = None, extra_output: Callable | None = None,
                  best_name: str = "best_model.pth", tb_dir: Path | None = None,
-                 baseline: dict[str, float] | None = None):
+                 baseline: dict[str, float] | None = None, ema: Any = None):
         """keep_last: also keep checkpoint_epoch{N}.pth, the last K of them (0: all).
         extra_output(state, tensorboard): task-specific output after each epoch (rank 0).
         best_name: file name of the best model in the output folder; tb_dir: TensorBoard folder
@@ -151,40 +153,65 @@ class EpochWriter:
         self.model, self.task, self.spec, self.meta = model, task, model_spec, meta
         self.optimizer, self.schedule, self.epochs = optimizer, schedule, epochs
         self.extra_state, self.keep_last, self.extra_output = extra_state, keep_last, extra_output
-        self.best_name, self.baseline = best_name, baseline
+        self.best_name, self.baseline, self.ema = best_name, baseline, ema
         self.history: list[dict[str, float]] = []
         self.plotted = float("-inf")  # the first epoch draws curves.png; later ones once a minute
         self.tb_dir = tb_dir if tb_dir is not None else (session.output or Path(".")) / "tensorboard"
         self.tb = None
+        # Reused host buffers: pinned on CUDA, plain (still far cheaper than fresh copies) on a CPU.
+        self.saver = BackgroundSaver(pin_memory=True)
 
     def __call__(self, state: TrainState, record: dict[str, float], improved: bool) -> None:
         if self.s.is_main:
             metrics = {k: v for k, v in record.items() if k != "epoch"}
             config = plain_config(self.s.args)
-            train_state = self.train_state(state)
-            out = self.s.output
-            ckpt_lib.atomic_save(self._payload(metrics, config, train_state), out / "checkpoint.pth")
-            if self.keep_last is not None:
-                self._epoch_copy(state.epoch)
-            if improved:
-                self.save_best(metrics)
-            write_metrics_csv(state.history, out / "metrics.csv")
+            payload = self._payload(metrics, config, self.train_state(state))
+            best = self._best_payload(payload, metrics, state.best_from_ema) if improved else None
+            plot = time.monotonic() - self.plotted >= self.PLOT_EVERY_S
+            # One host copy of everything the writes need; training goes on while they run.
+            snap = self.saver.snapshot({"checkpoint": payload, "best": best, "history": state.history})
+            self.saver.submit(self._writes(snap, state.epoch, plot))
+            if plot:
+                self.plotted = time.monotonic()
             if self.tb is None:
                 self.tb = TensorBoard(self.tb_dir, self.s.log, purge_step=state.epoch)
             self.tb.scalars(record)
             self.history = state.history
-            if time.monotonic() - self.plotted >= self.PLOT_EVERY_S:
-                self._plot()
             if self.extra_output is not None:
                 self.extra_output(state, self.tb)
             self.s.log(format_epoch(record, self.epochs, improved))
         barrier()
 
+    def _writes(self, snap: dict[str, Any], epoch: int, plot: bool) -> list:
+        """In this order: the best model before the checkpoint that names it, the epoch copy of that
+        checkpoint, metrics.csv, curves.png."""
+        out = self.s.output
+        writes = [atomic_write(snap["best"], out / self.best_name)] if snap["best"] is not None else []
+        writes.append(atomic_write(snap["checkpoint"], out / "checkpoint.pth"))
+        if self.keep_last is not None:
+            writes.append((str(out / f"checkpoint_epoch{epoch}.pth"), lambda: self._epoch_copy(epoch)))
+        writes.append((str(out / "metrics.csv"),
+                       lambda: write_metrics_csv(snap["history"], out / "metrics.csv")))
+        if plot:
+            writes.append((str(out / "curves.png"),
+                           lambda: plot_curves(snap["history"], out / "curves.png", self.baseline)))
+        return writes
+
+    def _best_payload(self, payload: dict[str, Any], metrics: dict[str, float],
+                      from_ema: bool) -> dict[str, Any]:
+        """best_model.pth: the checkpoint without its train state (the same tensors, copied once),
+        or the moving average's weights when they are the better (--ema)."""
+        if from_ema and self.ema is not None:  # its metrics are the ones of the weights it holds
+            metrics = {**metrics, **{k.replace("val_ema_", "val_"): v for k, v in metrics.items()
+                                     if k.startswith("val_ema_")}}
+            return self._payload(metrics, payload["config"], None, self.ema.module)
+        return {k: v for k, v in payload.items() if k != "train_state"}
+
     def save_best(self, metrics: dict[str, float]) -> None:
-        """The model as it is now, as the best model (rank 0 only)."""
+        """The model as it is now, as the best model (rank 0 only; before the first epoch)."""
         if self.s.is_main:
-            ckpt_lib.atomic_save(self._payload(metrics, plain_config(self.s.args), None),
-                                 self.s.output / self.best_name)
+            payload = self._payload(metrics, plain_config(self.s.args), None)
+            self.saver.submit([atomic_write(self.saver.snapshot(payload), self.s.output / self.best_name)])
 
     def _epoch_copy(self, epoch: int) -> None:
         """checkpoint_epoch{N}.pth (a resumable copy), pruned to the last keep_last files."""
@@ -198,9 +225,10 @@ class EpochWriter:
             for old in copies[: -self.keep_last]:
                 old.unlink(missing_ok=True)
 
-    def _payload(self, metrics, config, train_state) -> dict[str, Any]:
-        return ckpt_lib.make_payload(self.model, task=self.task, model_spec=self.spec, meta=self.meta,
-                                     metrics=metrics, config=config, train_state=train_state)
+    def _payload(self, metrics, config, train_state, model: nn.Module | None = None) -> dict[str, Any]:
+        return ckpt_lib.make_payload(model or self.model, task=self.task, model_spec=self.spec,
+                                     meta=self.meta, metrics=metrics, config=config,
+                                     train_state=train_state, to_host=False)  # the saver copies
 
     def train_state(self, state: TrainState) -> dict[str, Any]:
         data = state.to_dict()
@@ -216,11 +244,15 @@ class EpochWriter:
         self.plotted = time.monotonic()
 
     def close(self) -> None:
-        """The final curves.png (also after an interruption or early stopping)."""
-        if self.s.is_main:
-            self._plot()
-        if self.tb is not None:
-            self.tb.close()
+        """Wait for the writes in flight (raising their error), then the final curves.png (also
+        after an interruption or early stopping)."""
+        try:
+            self.saver.close()
+        finally:
+            if self.s.is_main:
+                self._plot()
+            if self.tb is not None:
+                self.tb.close()
 
 
 def restore_train_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,

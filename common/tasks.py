@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .metrics import confusion_update, topk_correct
+from .mixing import hard_labels
 
 
 class ClassificationTask:
@@ -36,8 +37,10 @@ class ClassificationTask:
 
     def accumulate(self, totals: dict[str, torch.Tensor], outputs: torch.Tensor,
                    targets: torch.Tensor, loss: torch.Tensor) -> None:
-        """Add one batch to the running totals, on the device, without a host sync."""
+        """Add one batch to the running totals, on the device, without a host sync. Mixed targets
+        (MixUp/CutMix, one row of class weights per sample) count their dominant class."""
         preds = outputs.argmax(dim=1)
+        targets = hard_labels(targets)
         totals["loss_sum"] += loss.detach().double() * targets.shape[0]
         totals["correct"] += (preds == targets).sum()
         totals["count"] += targets.shape[0]

@@ -41,6 +41,7 @@ class Job:
     start_metrics: dict[str, float] | None = None
     stop_on: str | None = None  # early stopping on this val metric, lower is better (fit's stop_on)
     baseline: dict[str, float] | None = None  # val metrics before training, drawn in curves.png
+    batch_transform: Callable | None = None  # MixUp/CutMix on each loaded batch (StepConfig's)
 
 
 def in_session(args: argparse.Namespace, ckpt: dict | None,
@@ -98,12 +99,14 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
                           recovery=OOMRecovery(args.batch_size, args.accumulate_grad_batches, s.log))
     if ckpt is not None:
         step_cfg.splits = restore_memory_state(ckpt["train_state"], job.plain, args.batch_size, s.log)
+    step_cfg.batch_transform = job.batch_transform
+    step_cfg.ema = _moving_average(args, ckpt, job.plain, s)
     writer = EpochWriter(s, job.plain, task=job.task.name, model_spec=job.spec, meta=job.meta,
                          optimizer=optimizer, schedule=schedule, epochs=args.epochs,
-                         extra_state=lambda: memory_state(job.plain, args.batch_size,
-                                                          args.accumulate_grad_batches, step_cfg.splits),
+                         extra_state=lambda: _extra_state(job, args, step_cfg),
                          keep_last=job.keep_last, extra_output=job.extra_output,
-                         best_name=job.best_name, tb_dir=job.tb_dir, baseline=job.baseline)
+                         best_name=job.best_name, tb_dir=job.tb_dir, baseline=job.baseline,
+                         ema=step_cfg.ema)
     if ckpt is None and job.start_metrics is not None:
         _start_from(state, job, writer)
     try:
@@ -116,6 +119,30 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
         writer.close()
     if job.summary is not None and state.best_metric is not None:
         s.log(job.summary(state))
+    return state
+
+
+def _moving_average(args: argparse.Namespace, ckpt: dict | None, plain: nn.Module, s: Session):
+    """--ema: the moving average of the weights (restored on resume)."""
+    if not getattr(args, "ema", None):
+        return None
+    from .ema import EMA
+
+    ema = EMA(plain, args.ema)
+    saved = (ckpt or {}).get("train_state", {}).get("ema")
+    if saved is not None:
+        ema.load_state_dict(saved, args.resume)
+    elif ckpt is not None:
+        s.log("notice: the checkpoint has no moving average (--ema was off); it starts from the "
+              "current weights")
+    s.log(f"EMA of the weights, decay {args.ema}: evaluated every epoch, saved when it is the better")
+    return ema
+
+
+def _extra_state(job: Job, args: argparse.Namespace, step_cfg: StepConfig) -> dict[str, Any]:
+    state = memory_state(job.plain, args.batch_size, args.accumulate_grad_batches, step_cfg.splits)
+    if step_cfg.ema is not None:
+        state["ema"] = step_cfg.ema.state_dict()
     return state
 
 

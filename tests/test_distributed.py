@@ -75,9 +75,9 @@ def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 epochs x 8 optimizer steps, one gradient bucket: one all-reduce per optimizer step, so
     # with accumulation (2 micro-steps per optimizer step) the first micro-step skipped it
-    for mode in ("plain", "syncbn", "accum"):
+    for mode in ("plain", "syncbn", "accum", "cached"):
         assert (tmp_path / f"{mode}.allreduces").read_text() == "16", mode
-    for mode in ("plain", "syncbn", "accum"):
+    for mode in ("plain", "syncbn", "accum", "cached"):
         ddp = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
         single = _reference(mode)
         assert ddp.keys() == single.keys()

@@ -19,6 +19,7 @@ import predict
 import test_model
 import validate
 from common.checkpoint import load_checkpoint, make_payload, sha256_of
+from common.finetune import resolve_args
 from common.models import build_model
 
 BASE_FLAGS = ["--model", "small_cnn", "--img-size", "32", "--batch-size", "16", "--num-workers", "0",
@@ -234,7 +235,7 @@ def test_no_better_epoch_keeps_the_starting_weights_and_says_so(work, capsys):
 
 def test_defaults_follow_the_guide(work):
     parser = finetune_gpu.build_parser()
-    args, _, source = finetune_gpu.resolve_args(parser, ["--model-path=model/mnist_cnn3.pt"])
+    args, _, source = resolve_args(parser, ["--model-path=model/mnist_cnn3.pt"])
     assert (args.optimizer, args.lr, args.batch_size, args.epochs) == ("adamw", 1e-3, 256, 30)
     assert args.scheduler == "cosine" and args.early_stopping_patience == 15
     assert args.output == "./result" and args.log_dir == "./logs_finetune"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
@@ -148,9 +148,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decoded, turned upright by its EXIF orientation (photos from phones), as 8-bit RGB."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def check_image(path: str, mode: str) -> str | None:
@@ -231,8 +232,16 @@ def eval_transform(pre: dict[str, Any]) -> T.Compose:
                       T.Normalize(pre["mean"], pre["std"])])
 
 
-def train_transform(pre: dict[str, Any], hflip: bool = True) -> T.Compose:
-    """The guide's augmentation: random resized crop, flip, rotation 15 degrees, colour jitter."""
+def train_transform(pre: dict[str, Any], hflip: bool = True, kind: str = "standard") -> T.Compose:
+    """--augment standard, the guide's: random resized crop, flip, rotation 15 degrees, colour
+    jitter; cifar: random crop with 4 pixels of zero padding and flip; none: as for evaluation."""
+    if kind == "none":
+        return eval_transform(pre)
+    if kind == "cifar":
+        return T.Compose([ToRGB(), T.Resize(pre["resize_size"], antialias=True),
+                          T.CenterCrop(pre["img_size"]), T.RandomCrop(pre["img_size"], padding=4),
+                          *([T.RandomHorizontalFlip(0.5)] if hflip else []), T.ToTensor(),
+                          T.Normalize(pre["mean"], pre["std"])])
     steps: list[Any] = [ToRGB(), T.RandomResizedCrop(pre["img_size"], scale=(0.6, 1.0), antialias=True)]
     if hflip:
         steps.append(T.RandomHorizontalFlip(0.5))

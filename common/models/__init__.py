@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .small import SmallCNN, TinyMLP
+from .small import CifarResNet, SmallCNN, TinyMLP
 from .timeseries import SeriesCNN, SeriesFusion, SeriesTransformer
 from .unet import UNet
 
 LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
+    "cifar_resnet": CifarResNet,  # the CIFAR-10 recipe's network (--recipe cifar10)
     "tiny_mlp": TinyMLP,
     "unet": UNet,
     # time-series (input N x channels x steps): behaviour classification

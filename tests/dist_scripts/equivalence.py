@@ -1,6 +1,7 @@
 """Run under torchrun (2 processes, gloo): train the same tiny models as a 1-process run with
 twice the batch would, and save rank 0's weights. Modes: plain (no batch norm), syncbn
-(batch norm with --sync-bn), accum (gradient accumulation with no_sync)."""
+(batch norm with --sync-bn), accum (gradient accumulation with no_sync), cached (the decode-once
+data path: uint8 images on the device, batch augmentation with per-sample parameters)."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from common.data.batch_aug import BatchAugment  # noqa: E402
+from common.data.device_batches import CachedBatches  # noqa: E402
 from common.data.loaders import make_loader  # noqa: E402
 from common.distributed import (  # noqa: E402
     context_from_env,
@@ -25,13 +28,22 @@ from common.precision import make_precision  # noqa: E402
 from common.tasks import ClassificationTask  # noqa: E402
 
 CPU = torch.device("cpu")
-MODES = {"plain": (4, 1), "syncbn": (4, 1), "accum": (2, 2)}  # per-process batch, accumulation
+MODES = {"plain": (4, 1), "syncbn": (4, 1), "accum": (2, 2), "cached": (4, 1)}  # batch, accumulation
 
 
 def dataset() -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(0)
     return torch.utils.data.TensorDataset(torch.randn(64, 3, 8, 8, generator=g),
                                           torch.randint(0, 3, (64,), generator=g))
+
+
+def cached_batches(batch: int, rank: int, world: int) -> CachedBatches:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 10, 10), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (64,), generator=g)
+    augment = BatchAugment(8, (0.5,) * 3, (0.25,) * 3, kind="standard")
+    return CachedBatches(images, labels, batch, augment=augment, train=True, device=CPU, seed=5,
+                         rank=rank, world_size=world)
 
 
 def model_for(mode: str) -> torch.nn.Module:
@@ -62,6 +74,8 @@ def train(mode: str, batch: int, accumulate: int, rank: int, world: int) -> torc
         model.register_comm_hook(None, counting_allreduce)
     loader = make_loader(dataset(), batch, train=True, num_workers=0, pin_memory=False, seed=5,
                          rank=rank, world_size=world)
+    if mode == "cached":
+        loader = cached_batches(batch, rank, world)
     opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     steps = len(loader) // accumulate
     schedule = Schedule(opt, "none", epochs=1, steps_per_epoch=steps)
