@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import gpu_train
+from common.classify import resolve_args
 
 BAT = Path(__file__).resolve().parents[1] / "gpu_train.bat"
 VENV_PY = r".venv\Scripts\python.exe"
@@ -157,7 +158,7 @@ def test_no_arguments_run_the_guide_defaults(lines, variables):
     branch = next(i for i, line in enumerate(lines) if line.strip().startswith('if "%~1"==""'))
     target = re.search(r"goto (\w+)$", lines[branch].strip()).group(1)
     assert next_command(lines, labels(lines)[target.lower()], skip_echo=True)[0] == index
-    args, _ = gpu_train.resolve_args(gpu_train.build_parser(), shlex.split(
+    args, _ = resolve_args(gpu_train.build_parser(), shlex.split(
         expand(lines[index], variables).split("gpu_train.py", 1)[1]))
     assert (args.data_dir, args.model, args.num_classes) == ("./dataset", "efficientnet_b0", 2)
     assert (args.batch_size, args.epochs, args.amp) == (32, 50, True)
