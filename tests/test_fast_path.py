@@ -60,6 +60,28 @@ def test_cached_batches_shard_every_sample_and_draw_new_parameters_each_epoch():
     assert not torch.equal(next(iter(one))[0], first[0])  # next epoch: new ones
 
 
+def test_batches_are_made_on_one_cpu_thread_and_the_step_keeps_all_of_them(monkeypatch):
+    images = torch.randint(0, 256, (8, 3, 9, 9), dtype=torch.uint8)
+    aug = BatchAugment(7, (0.0,) * 3, (1.0,) * 3, kind="standard")
+    seen = []
+    real_apply = aug.apply
+
+    def counting(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real_apply(*a, **k)
+
+    monkeypatch.setattr(aug, "apply", counting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = CachedBatches(images, torch.arange(8), 4, augment=aug, train=True, device="cpu")
+        for _ in loader:
+            assert torch.get_num_threads() == 2  # the training step between two batches
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1]
+
+
 def test_validation_batches_are_the_center_crops_in_order():
     images = torch.randint(0, 256, (5, 3, 9, 9), dtype=torch.uint8)
     loader = CachedBatches(images, torch.arange(5), 2, augment=BatchAugment(7, (0.0,) * 3, (1.0,) * 3,
