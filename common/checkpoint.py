@@ -81,7 +81,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint reads like any file
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            try:
+                torch.save(obj, fh)
+            except RuntimeError as exc:  # torch's writer says "unexpected pos" on a full disk
+                raise _write_error(exc, target) from None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -89,6 +92,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _write_error(exc: RuntimeError, target: Path) -> OSError:
+    """torch.save's C++ writer failing (a full disk, mostly) as the OSError it stands for."""
+    import errno
+    import shutil
+
+    free = shutil.disk_usage(target.parent).free
+    code = errno.ENOSPC if free < (64 << 20) else errno.EIO
+    message = os.strerror(code) if code == errno.ENOSPC else f"{os.strerror(code)} ({_short(exc)})"
+    return OSError(code, message, str(target))
 
 
 def _umask() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -129,6 +130,30 @@ def given_on_command_line(parser: argparse.ArgumentParser,
     ns = argparse.Namespace(**{dest: _UNSET for dest in _dest_map(parser)})
     parser.parse_args(argv, ns)
     return {k: v for k, v in vars(ns).items() if v is not _UNSET}
+
+
+# (flag, lowest, highest, lowest allowed itself, highest allowed itself); None: no bound
+_RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, True),
+           ("label_smoothing", 0.0, 1.0, True, False), ("momentum", 0.0, 1.0, True, True),
+           ("clip_grad", 0.0, None, False, True), ("warmup_epochs", 0.0, None, True, True),
+           ("min_delta", 0.0, None, True, True), ("min_lr", 0.0, None, True, True),
+           ("gamma", 0.0, None, False, True))
+
+
+def check_training_values(args: argparse.Namespace) -> None:
+    """Numbers a training run cannot use, refused before any work: NaN and infinity anywhere, and
+    values outside the flag's range (a negative --clip-grad would reverse the gradients)."""
+    for name, low, high, low_ok, high_ok in _RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        below = value < low or (value == low and not low_ok) if low is not None else False
+        above = value > high or (value == high and not high_ok) if high is not None else False
+        if not math.isfinite(value) or below or above:
+            lo = "" if low is None else f"{'>=' if low_ok else '>'} {low:g}"
+            hi = "" if high is None else f"{'<=' if high_ok else '<'} {high:g}"
+            raise UserError(f"{flag} must be a number {' and '.join(p for p in (lo, hi) if p)}, got {value}")
 
 
 def parse_early(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:

@@ -31,6 +31,7 @@ from .distributed import DistContext, barrier, context_from_env, init_process_gr
 from .engine import TrainState
 from .errors import UserError
 from .optim import Schedule
+from .outdir import OutputLock, check_writable, save_failure, sweep_temporary_files
 from .precision import Precision, make_precision
 from .reporting import (
     LOGGER_NAME,
@@ -60,6 +61,12 @@ class Session:
     pin_memory: bool
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # skipped (path, reason)
     log_file: bool = True  # open_output starts training.log in the output folder
+    # held on each output folder from open_output to close() (a pipeline trains into several)
+    locks: list[OutputLock] = field(default_factory=list)
+
+    def close(self) -> None:
+        while self.locks:
+            self.locks.pop().release()
 
     @property
     def is_main(self) -> bool:
@@ -96,11 +103,13 @@ def open_output(s: Session, resuming: bool, run_files: tuple[str, ...] = ()) -> 
     training.log. Called once data and model are known to be good. run_files: further names
     this recipe writes (moved aside with the rest)."""
     if s.is_main and s.output is not None:
+        check_writable(s.output)
+        lock = OutputLock(s.output)
+        lock.acquire(s.log)  # before anything in the folder is touched
+        s.locks.append(lock)
         if not resuming:
             archive_previous_run(s.output, run_files)
-        s.output.mkdir(parents=True, exist_ok=True)
-        for stale in s.output.glob(".*.pth.*.tmp"):  # left by a process killed while saving
-            stale.unlink(missing_ok=True)
+        sweep_temporary_files(s.output, s.log)
         if s.log_file:
             attach_log_file(s.output)
         if s.bad_images:
@@ -169,8 +178,9 @@ class EpochWriter:
             best = self._best_payload(payload, metrics, state.best_from_ema) if improved else None
             plot = time.monotonic() - self.plotted >= self.PLOT_EVERY_S
             # One host copy of everything the writes need; training goes on while they run.
-            snap = self.saver.snapshot({"checkpoint": payload, "best": best, "history": state.history})
-            self.saver.submit(self._writes(snap, state.epoch, plot))
+            snap = self._saving(self.saver.snapshot, {"checkpoint": payload, "best": best,
+                                                      "history": state.history})
+            self._saving(self.saver.submit, self._writes(snap, state.epoch, plot))
             if plot:
                 self.plotted = time.monotonic()
             if self.tb is None:
@@ -211,7 +221,18 @@ class EpochWriter:
         """The model as it is now, as the best model (rank 0 only; before the first epoch)."""
         if self.s.is_main:
             payload = self._payload(metrics, plain_config(self.s.args), None)
-            self.saver.submit([atomic_write(self.saver.snapshot(payload), self.s.output / self.best_name)])
+            payload = self._saving(self.saver.snapshot, payload)
+            self._saving(self.saver.submit, [atomic_write(payload, self.s.output / self.best_name)])
+
+    def _saving(self, call: Callable, *args: Any) -> Any:
+        """A saver call; a write of this run that failed (now or in the background) becomes one line
+        saying which file, why, and that the previous checkpoint is intact."""
+        try:
+            return call(*args)
+        except OSError as exc:
+            last = self.s.output / "checkpoint.pth"
+            needed = last.stat().st_size if last.is_file() else None
+            raise save_failure(exc, self.s.output, needed) from None
 
     def _epoch_copy(self, epoch: int) -> None:
         """checkpoint_epoch{N}.pth (a resumable copy), pruned to the last keep_last files."""
@@ -247,7 +268,7 @@ class EpochWriter:
         """Wait for the writes in flight (raising their error), then the final curves.png (also
         after an interruption or early stopping)."""
         try:
-            self.saver.close()
+            self._saving(self.saver.close)
         finally:
             if self.s.is_main:
                 self._plot()

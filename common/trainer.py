@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cli import check_training_values
 from .distributed import convert_sync_batchnorm, destroy_process_group, wrap_ddp
 from .engine import StepConfig, TrainState, fit
 from .errors import UserError
@@ -47,10 +48,12 @@ class Job:
 def in_session(args: argparse.Namespace, ckpt: dict | None,
                body: Callable[[argparse.Namespace, dict | None, Session], int]) -> int:
     """Start the session (device, process group, logging), run the recipe, leave the group."""
+    check_training_values(args)
     s = start_session(args, Path(args.output))
     try:
         return body(args, ckpt, s)
     finally:
+        s.close()
         destroy_process_group()
 
 

@@ -365,19 +365,28 @@ def test_best_model_is_written_before_the_checkpoint_that_names_it(dataset, tmp_
     assert not any(main for _, main in order), "a checkpoint was written on the training thread"
 
 
-def test_a_failed_background_write_is_raised_not_lost(dataset, tmp_path, monkeypatch):
+def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays(dataset, tmp_path,
+                                                                                  monkeypatch, capsys):
     real = ckpt_lib.atomic_save
+    calls = {"n": 0}
 
-    def disk_full(obj, path):
+    def full_on_the_second_checkpoint(obj, path):
         if Path(path).name == "checkpoint.pth":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(obj, path)
 
-    monkeypatch.setattr("common.saver.atomic_save", disk_full)
-    with pytest.raises(OSError) as caught:
-        run(dataset, tmp_path / "out", "--epochs", "2")
-    assert caught.value.errno == errno.ENOSPC
-    assert any("checkpoint.pth" in note for note in getattr(caught.value, "__notes__", []))
+    monkeypatch.setattr("common.saver.atomic_save", full_on_the_second_checkpoint)
+    out = tmp_path / "out"
+    assert run(dataset, out, "--epochs", "3") == 2
+    err = capsys.readouterr().err
+    line = err[err.index("error: "):]  # after the progress bars
+    assert line.startswith(f"error: could not write {out / 'checkpoint.pth'}: the disk is full (about ")
+    assert "MB needed); the previous checkpoint.pth" in line and "--resume" in line
+    assert line.count("\n") == 1 and err.count("error:") == 1 and "Traceback" not in err
+    assert ckpt_lib.load_checkpoint(out / "checkpoint.pth")["train_state"]["epoch"] == 1
+    assert not (out / ".toolkit.lock").exists()  # the folder is free again
 
 
 def test_exif_orientation_is_applied_on_both_paths(tmp_path):

@@ -1,0 +1,118 @@
+"""One output folder, one run: the folder's lock, the check that it can be written before any
+work is done, the sweep of temporary files left by killed saves, and the one-line message for
+a save that fails mid-run."""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import socket
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK_NAME = ".toolkit.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class OutputLock:
+    """OUTPUT/.toolkit.lock holding pid, host and start time, created exclusively. A lock of a
+    process that no longer runs on this host is taken over with a notice; a live one (or one from
+    another host, whose process cannot be checked) refuses the second run."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.held = False
+
+    def acquire(self, log) -> None:
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": _dt.datetime.now().isoformat(timespec="seconds")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale(log)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(record, fh)
+            self.held = True
+            return
+        raise UserError(f"could not lock the output folder {self.path.parent}; pass another --output")
+
+    def _take_over_if_stale(self, log) -> None:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            holder, pid, host = {}, -1, socket.gethostname()  # unreadable: a write cut short
+        if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+            log(f"notice: {self.path.parent} was locked by a run that has ended (pid {pid}); taking it over")
+            self.path.unlink(missing_ok=True)
+            return
+        where = f"pid {pid} on {host}" + (f", started {holder['started']}" if "started" in holder else "")
+        raise UserError(f"output folder {self.path.parent} is in use by another run ({where}); pass "
+                        f"another --output, or wait for that run to end (if it is not running, delete "
+                        f"{self.path})")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def check_writable(folder: Path) -> None:
+    """Create the folder and write and remove a probe file: a folder that cannot hold the run's
+    files is one line now, not a traceback after the first epoch."""
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--output {folder} is a file, not a folder; pass a folder path")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot write to the output folder {folder} ({exc.strerror or exc}); pass a "
+                        "writable --output") from None
+
+
+def sweep_temporary_files(folder: Path, log) -> None:
+    """Temporary files of saves cut short by a killed process (not of a live run: the folder's
+    lock is held by now), with the space they took."""
+    freed, count = 0, 0
+    for stale in [*folder.glob(".*.pth.*.tmp"), *folder.glob(".*.tmp.png")]:
+        try:
+            freed += stale.stat().st_size
+            stale.unlink()
+            count += 1
+        except OSError:
+            continue
+    if count:
+        log(f"removed {count} temporary file(s) of an interrupted save ({freed / 1e6:.1f} MB freed)")
+
+
+_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def save_failure(exc: OSError, folder: Path, needed_bytes: int | None) -> UserError:
+    """A write that failed mid-run, as the one line a user can act on."""
+    name = exc.filename or next((n.split()[2] for n in getattr(exc, "__notes__", [])
+                                 if n.startswith("while writing ")), str(folder))
+    why = _SPACE.get(exc.errno or 0, exc.strerror or str(exc))
+    need = f" (about {needed_bytes / 1e6:.0f} MB needed)" if needed_bytes and exc.errno in _SPACE else ""
+    return UserError(f"could not write {name}: {why}{need}; the previous checkpoint.pth in {folder} "
+                     "is intact: make room or fix the folder, then continue with --resume "
+                     f"{folder / 'checkpoint.pth'}")
