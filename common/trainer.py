@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,8 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
                         step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
     state = _resume(args, ckpt, s, job.plain, optimizer, schedule)
     open_output(s, resuming=ckpt is not None, run_files=(job.best_name,))
+    if ckpt is not None:
+        _carry_best_model(args, s, job)
     save_run_config(s)
     step_cfg = StepConfig(accumulate=args.accumulate_grad_batches, clip_grad=args.clip_grad,
                           channels_last=job.channels_last, log_interval=args.log_interval,
@@ -123,6 +126,16 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
     if job.summary is not None and state.best_metric is not None:
         s.log(job.summary(state))
     return state
+
+
+def _carry_best_model(args: argparse.Namespace, s: Session, job: Job) -> None:
+    """--resume X --output elsewhere continues in elsewhere with every output there: the best model
+    so far comes along (a resumed run that never improves would otherwise name a missing file)."""
+    source = Path(args.resume).parent / job.best_name
+    target = s.output / job.best_name
+    if s.is_main and source.is_file() and not target.exists():
+        shutil.copy2(source, target)
+        s.log(f"resuming into {s.output}: copied the best model so far from {source}")
 
 
 def _moving_average(args: argparse.Namespace, ckpt: dict | None, plain: nn.Module, s: Session):

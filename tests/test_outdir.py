@@ -119,3 +119,17 @@ def test_numbers_a_run_cannot_use_are_refused_before_it_starts(dataset, tmp_path
     err = capsys.readouterr().err
     assert err == f"error: {message}\n"
     assert not out.exists()
+
+
+def test_resume_into_another_folder_continues_there_with_every_output(dataset, tmp_path, capsys):
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    assert run(dataset, first, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert gpu_train.main(["--resume", str(first / "checkpoint.pth"), "--epochs", "2",
+                           "--output", str(elsewhere)]) == 0
+    out = capsys.readouterr().out
+    assert f"copied the best model so far from {first / 'best_model.pth'}" in out
+    last = out.strip().splitlines()[-1]
+    named = [word.rstrip(",;") for word in last.split() if word.endswith((".pth", ".pth,", ".pth;"))]
+    assert named and all(os.path.isfile(name) for name in named), last
+    assert all(str(elsewhere) in name for name in named)
