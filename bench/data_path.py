@@ -1,9 +1,10 @@
 """Images per second of the DataLoader path against the decode-once cache path, measured in one run.
 
-    python bench/data_path.py                                  # about 2 minutes on 2 busy cores
+    python bench/data_path.py                        # 1-2 minutes on 2 cores; several times that when busy
     python bench/data_path.py --images-32 10000 --images-224 1000 --epoch-images 5000 --rounds 5
-    python bench/data_path.py --device cuda --batch-size 256   # the cache path on the GPU
+    python bench/data_path.py --device cuda --batch-size 256   # the cache path on a GPU
     OMP_WAIT_POLICY=PASSIVE python bench/data_path.py          # see "threads" below
+    python bench/data_path.py --parts data32,threads           # a choice of the parts
 
 Generated data in a temporary folder (10 classes): --images-32 PNGs of 40x40 pixels for 32 px,
 --images-224 JPEG "photos" of 256x256 for 224 px. Two ways to feed a model, as gpu_train.py
@@ -15,23 +16,26 @@ builds them (preprocessing(S): resize size round(S / 0.875), ImageNet mean and s
   cache      --data-cache ram (device with --device cuda): build_image_cache decodes every file once
              into one uint8 tensor at the resize size (timed on its own, before the rounds), then
              CachedBatches with BatchAugment(kind="standard") makes the batches.
-  cache-1t   the cache path with torch.set_num_threads(1) while a batch is made (the model, in the
-             epoch part, keeps the default count). Information only; not in the ratios.
+  cache-1t   the cache path with the whole of each next() (the epoch's parameter draw included) at
+             torch.set_num_threads(1), the count restored for the consumer. CachedBatches makes its
+             batches on one CPU thread itself, so this should match cache within the noise; a gap
+             says the thread count matters again. Information only; not in the ratios.
 
-Parts:
+Parts (--parts):
   data32, data224  iterate one epoch of batches, no model: images/s.
   epoch            one training epoch of SmallCNN (10 classes, 32 px, a fresh copy of the same initial
                    weights, AdamW lr 1e-3) through common.engine.train_one_epoch, fed by each side,
-                   on the first --epoch-images images of the 32 px set.
+                   on --epoch-images images of the 32 px set.
+  threads          (CPU) ms per batch of BatchAugment alone at 32 and 224 px, and of a SmallCNN
+                   training step, at 1 thread and at torch's default count, alternating: on a busy
+                   machine with few cores, OpenMP's threads spin and wait for each other at every
+                   parallel op, and the second thread can cost more than it gives (several times
+                   for the augmentation's many small kernels). OMP_WAIT_POLICY=PASSIVE in the
+                   environment is the cure to compare.
 
 Timing: one untimed warm-up epoch per side (it starts the workers), then each round times one epoch
 of every side back to back, the order rotating from round to round so that all sides see the same
 load. A part's ratio is the median over rounds of cache / best loader throughput within the round.
-
-Threads: on a busy machine with few cores, torch's OpenMP threads spin and wait for each other at
-every parallel op; the batch augmentation (many small ops) can then run several times slower with
-2 threads than with 1. The cache-1t column shows how much; OMP_WAIT_POLICY=PASSIVE in the
-environment is the other cure to compare.
 
 Targets (the issue): data only >= 10x, a training epoch >= 1.5x, on 2 CPU cores. The last line is
 JSON {"data_ratio_32": .., "data_ratio_224": .., "epoch_ratio": ..} (cache / loader throughput).
@@ -76,6 +80,8 @@ DATA_TARGET = 10.0
 EPOCH_TARGET = 1.5
 NUM_CLASSES = 10
 CACHE, CACHE_1T = "cache", "cache-1t"
+PARTS = ("data32", "data224", "epoch", "threads")
+JSON_KEYS = {"data_ratio_32": "data32", "data_ratio_224": "data224", "epoch_ratio": "epoch"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -84,12 +90,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--storage-32", type=int, default=40, help="their side in pixels (default 40)")
     p.add_argument("--images-224", type=int, default=300, help="JPEGs for the 224 px part (default 300)")
     p.add_argument("--storage-224", type=int, default=256, help="their side in pixels (default 256)")
-    p.add_argument("--epoch-images", type=int, default=1000,
-                   help="images of the 32 px set in the training epoch (default 1000; 0: no epoch part)")
+    p.add_argument("--epoch-images", type=int, default=640,
+                   help="images of the 32 px set in the training epoch (default 640)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts to try (default 0,2)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per part (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs per side first (default 1)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"parts to measure (default {','.join(PARTS)}); a part left out prints null")
+    p.add_argument("--probe-reps", type=int, default=5,
+                   help="interleaved repetitions of each case of the threads part (default 5)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the cache path puts the data and the epoch part trains (default cpu)")
     p.add_argument("--workdir", default=None, help="folder for the generated data (default: a temp folder)")
@@ -99,10 +109,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.worker_counts = sorted({int(w) for w in args.workers.split(",") if w.strip()})
     except ValueError:
         p.error(f"--workers takes comma-separated integers, got {args.workers!r}")
-    if (min(args.images_32, args.images_224, args.batch_size, args.rounds) < 1 or args.warmup < 0
-            or args.epoch_images < 0 or not args.worker_counts or min(args.worker_counts) < 0):
-        p.error("image counts, --batch-size and --rounds must be >= 1; --warmup, --epoch-images and "
+    if (min(args.images_32, args.images_224, args.epoch_images, args.batch_size, args.rounds,
+            args.probe_reps) < 1
+            or args.warmup < 0 or not args.worker_counts or min(args.worker_counts) < 0):
+        p.error("image counts, --batch-size, --rounds and --probe-reps must be >= 1; --warmup and "
                 "--workers >= 0")
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown or not args.parts:
+        p.error(f"--parts takes a comma-separated choice of {', '.join(PARTS)}, got {unknown or 'none'}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for, but CUDA is not available")
     return args
@@ -297,6 +312,61 @@ def print_table(parts: Sequence[Part]) -> None:
               + f"{part_ratio(part):9.3f}   <- reported")
 
 
+def thread_probe(args: argparse.Namespace, device: torch.device,
+                 threads: int) -> list[tuple[str, float, float]]:
+    """(case, ms per batch at 1 thread, ms at `threads`): BatchAugment alone (what CachedBatches
+    runs per batch) at 32 and 224 px, and a SmallCNN training step at 32 px; the median over
+    --probe-reps repetitions, the two thread counts alternating. CPU with 2 or more threads only."""
+    if device.type != "cpu" or threads < 2:
+        return []
+    gen = torch.Generator().manual_seed(args.seed)
+    cases = []
+    for size in (32, 224):
+        pre = preprocessing(size)
+        source = torch.randint(0, 256, (args.batch_size, 3, pre["resize_size"], pre["resize_size"]),
+                               dtype=torch.uint8, generator=gen)
+        augment = BatchAugment(size, pre["mean"], pre["std"], kind="standard")
+        params = augment.sample(args.batch_size, gen, device)
+        cases.append((f"BatchAugment {size} px", lambda a=augment, x=source, p=params: a.apply(x, p)))
+    torch.manual_seed(args.seed)
+    model = SmallCNN(NUM_CLASSES)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=gen)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    cases.append(("SmallCNN step 32 px", step))
+    results = []
+    for name, fn in cases:
+        times: dict[int, list[float]] = {1: [], threads: []}
+        for rep in range(args.probe_reps + 1):  # the first repetition warms up
+            for count in ((1, threads) if rep % 2 == 0 else (threads, 1)):
+                torch.set_num_threads(count)
+                started = time.perf_counter()
+                fn()
+                if rep:
+                    times[count].append(time.perf_counter() - started)
+        torch.set_num_threads(threads)
+        results.append((name, 1e3 * statistics.median(times[1]), 1e3 * statistics.median(times[threads])))
+    return results
+
+
+def print_probe(probe: Sequence[tuple[str, float, float]], args: argparse.Namespace, threads: int) -> None:
+    if not probe:
+        return
+    print()
+    print(f"threads: ms per batch of {args.batch_size}, median of {args.probe_reps} (1 thread and {threads} "
+          "alternating); above 1 in the last column: the extra threads cost time")
+    print(f"{'case':22}{'1 thread':>10}{f'{threads} threads':>11}{'ratio':>8}")
+    for name, one, many in probe:
+        print(f"{name:22}{one:10.2f}{many:11.2f}{many / one:8.2f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -312,68 +382,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory()))
         try:
             parts, builds = measure(args, device, root)
+            probe = thread_probe(args, device, threads) if "threads" in args.parts else []
         finally:
             torch.set_num_threads(threads)
 
     print_table(parts)
+    print_probe(probe, args, threads)
     print()
     for size, (built, reread, n) in builds.items():
         print(f"cache build {size} px: {n} images decoded and written in {built:.2f} s, read back from "
               f"the file in {reread:.2f} s (not in the rounds)")
     by_name = {p.name: p for p in parts}
-    ratios = {"data_ratio_32": part_ratio(by_name["data32"]),
-              "data_ratio_224": part_ratio(by_name["data224"]),
-              "epoch_ratio": part_ratio(by_name["epoch"]) if "epoch" in by_name else None}
-    print("ratio = cache / the better of the loaders (" + ", ".join(by_name["data32"].loader_names)
+    ratios = {key: part_ratio(by_name[name]) if name in by_name else None for key, name in JSON_KEYS.items()}
+    print("ratio = cache / the better of the loaders (" + ", ".join(parts[0].loader_names)
           + ") within each round; median over rounds")
     for part in parts:
         print(f"  {part.name}: {part_ratio(part):.3f}; with 1 thread for the batches (cache-1t): "
               f"{part_ratio(part, CACHE_1T):.3f}")
-    for key, target in (("data_ratio_32", DATA_TARGET), ("data_ratio_224", DATA_TARGET),
-                        ("epoch_ratio", EPOCH_TARGET)):
-        value = ratios[key]
+    for key, value in ratios.items():
+        target = EPOCH_TARGET if key == "epoch_ratio" else DATA_TARGET
         verdict = "not measured" if value is None else ("met" if value >= target else "NOT met")
         print(f"target {key} >= {target:g} on 2 cores: {verdict}")
     print(json.dumps({k: None if v is None else round(v, 4) for k, v in ratios.items()}))
     return 0
 
 
+def data_part(size: int, samples: Sequence[tuple[str, int]], storage: int, cache: ImageCache,
+              args: argparse.Namespace, device: torch.device) -> Part:
+    resize = preprocessing(size)["resize_size"]
+    kind = "PNG" if size == 32 else "JPEG"
+    title = (f"data only, {size} px: {len(samples)} {kind}s {storage}x{storage} -> cache uint8 "
+             f"{resize}x{resize} -> standard augmentation -> {size}x{size}, images/s")
+    return Part(f"data{size}", title, sources(samples, cache, size, args, device), len(samples))
+
+
+def epoch_part(samples: Sequence[tuple[str, int]], cache: ImageCache, args: argparse.Namespace,
+               device: torch.device) -> Part:
+    n = min(args.epoch_images, len(samples))
+    pick = np.linspace(0, len(samples) - 1, n).round().astype(int)  # spread over the classes
+    index = torch.as_tensor(pick, device=cache.images.device)
+    subset = ImageCache(cache.images[index], cache.labels[index], None, None, False, [])
+    title = f"training epoch, SmallCNN at 32 px, {n} images (train_one_epoch, AdamW lr 1e-3), images/s"
+    return Part("epoch", title, sources([samples[i] for i in pick], subset, 32, args, device), n)
+
+
 def measure(args: argparse.Namespace, device: torch.device, root: Path
             ) -> tuple[list[Part], dict[int, tuple[float, float, int]]]:
-    print(f"generating {args.images_32} PNGs of {args.storage_32}x{args.storage_32} and {args.images_224} "
-          f"JPEGs of {args.storage_224}x{args.storage_224} in {root}", flush=True)
-    samples = {32: make_images(root / "png32", args.images_32, args.storage_32, "png", args.seed),
-               224: make_images(root / "jpg224", args.images_224, args.storage_224, "jpg", args.seed + 1)}
-    parts: list[Part] = []
-    builds: dict[int, tuple[float, float, int]] = {}
+    wanted = set(args.parts) | ({"data32"} if "epoch" in args.parts else set())  # the epoch's data: 32 px
+    sizes = [size for size in (32, 224) if f"data{size}" in wanted]
+    count = {32: args.images_32, 224: args.images_224}
+    storage = {32: args.storage_32, 224: args.storage_224}
+    samples: dict[int, list[tuple[str, int]]] = {}
     caches: dict[int, ImageCache] = {}
-    for size in (32, 224):
+    builds: dict[int, tuple[float, float, int]] = {}
+    for size in sizes:
+        ext = "png" if size == 32 else "jpg"
+        print(f"{size} px: generating {count[size]} {ext.upper()}s of {storage[size]}x{storage[size]} "
+              f"in {root}, building the cache", flush=True)
+        samples[size] = make_images(root / f"{ext}{size}", count[size], storage[size], ext, args.seed + size)
         caches[size], built, reread = build_cache(samples[size], size, root / f"build{size}", device)
         builds[size] = (built, reread, len(caches[size]))
-        resize = preprocessing(size)["resize_size"]
-        kind = "PNG" if size == 32 else "JPEG"
-        storage = args.storage_32 if size == 32 else args.storage_224
-        part = Part(f"data{size}", f"data only, {size} px: {len(samples[size])} {kind}s {storage}x{storage}"
-                    f" -> cache uint8 {resize}x{resize} -> standard augmentation -> {size}x{size}, images/s",
-                    sources(samples[size], caches[size], size, args, device), len(samples[size]))
-        print(f"{part.name}: {len(part.sides)} sides", flush=True)
+    parts: list[Part] = []
+    torch.manual_seed(args.seed)
+    base = SmallCNN(NUM_CLASSES).to(device)
+    for name in PARTS:
+        if name not in args.parts or name == "threads":
+            continue
+        if name == "epoch":
+            part = epoch_part(samples[32], caches[32], args, device)
+        else:
+            size = int(name[len("data"):])
+            part = data_part(size, samples[size], storage[size], caches[size], args, device)
+        started = time.perf_counter()
         with closing_loaders(part.sides):
-            run_part(part, args, device, None)
-        parts.append(part)
-    if args.epoch_images:
-        n = min(args.epoch_images, len(samples[32]))
-        pick = np.linspace(0, len(samples[32]) - 1, n).round().astype(int)  # every class
-        subset = [samples[32][i] for i in pick]
-        cache = caches[32]
-        index = torch.as_tensor(pick, device=cache.images.device)
-        sub_cache = ImageCache(cache.images[index], cache.labels[index], None, None, False, [])
-        torch.manual_seed(args.seed)
-        base = SmallCNN(NUM_CLASSES).to(device)
-        part = Part("epoch", f"training epoch, SmallCNN at 32 px, {n} images (train_one_epoch, AdamW "
-                    "lr 1e-3), images/s", sources(subset, sub_cache, 32, args, device), n)
-        print(f"{part.name}: {len(part.sides)} sides", flush=True)
-        with closing_loaders(part.sides):
-            run_part(part, args, device, base)
+            run_part(part, args, device, base if name == "epoch" else None)
+        print(f"{part.name}: {len(part.names)} sides, {time.perf_counter() - started:.1f} s", flush=True)
         parts.append(part)
     return parts, builds
 
