@@ -157,7 +157,8 @@ def build_data(args: argparse.Namespace, s: Session, prep: Preparation | None = 
         sizes = f"{len(train)} train / {len(val)} val"
     return ClassificationData(classes=classes, train_loader=train_loader, val_loader=val_loader,
                               preprocessing=pre,
-                              description=f"{description}: {sizes} images, {len(classes)} classes")
+                              description=(f"{description}: {sizes} images, {len(classes)} classes, "
+                                           f"input {pre['img_size']} px"))
 
 
 def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,

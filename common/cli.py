@@ -137,7 +137,9 @@ _RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, Tru
            ("label_smoothing", 0.0, 1.0, True, False), ("momentum", 0.0, 1.0, True, True),
            ("clip_grad", 0.0, None, False, True), ("warmup_epochs", 0.0, None, True, True),
            ("min_delta", 0.0, None, True, True), ("min_lr", 0.0, None, True, True),
-           ("gamma", 0.0, None, False, True))
+           ("gamma", 0.0, None, False, True), ("mixup", 0.0, None, True, True),
+           ("cutmix", 0.0, None, True, True), ("mix_prob", 0.0, 1.0, True, True),
+           ("ema", 0.0, 1.0, False, False))
 
 
 def check_training_values(args: argparse.Namespace) -> None:

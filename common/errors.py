@@ -25,6 +25,19 @@ def user_message(exc: UserError) -> str:
         text = text.rsplit(_WORKER_PREFIX, 1)[1]
     return " ".join(text.split())
 EXIT_INTERRUPTED = 130
+_SAVED: dict[str, object] = {}  # the last checkpoint this process wrote or resumed from
+
+
+def note_checkpoint(path: str | os.PathLike, epoch: int) -> None:
+    """Record a checkpoint that is on disk, for the message after Ctrl+C."""
+    _SAVED.update(path=str(path), epoch=int(epoch))
+
+
+def interrupted_message() -> str:
+    if not _SAVED:
+        return "interrupted before the first checkpoint was saved: nothing to resume, start again"
+    return (f"interrupted: {_SAVED['path']} (epoch {_SAVED['epoch']}) is intact; continue with "
+            f"--resume {_SAVED['path']}")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
@@ -40,8 +53,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            print("interrupted: the last saved checkpoint is intact; resume with --resume",
-                  file=sys.stderr)
+            print(interrupted_message(), file=sys.stderr)
             return EXIT_INTERRUPTED
 
     if "TORCHELASTIC_RUN_ID" in os.environ:

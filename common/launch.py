@@ -48,6 +48,8 @@ def parse_devices(text: str, visible: int) -> list[int]:
     """--devices as Lightning reads it: 'auto' (every visible GPU), 'N' (the first N) or a list
     '0,1' (those indices among the visible GPUs)."""
     value = str(text).strip().strip("[]()").replace(" ", "")
+    if not value:
+        raise UserError("--devices is empty: expected auto, a number of GPUs (2) or a list (0,1)")
     if value in {"auto", "-1"}:
         return list(range(visible))
     try:
@@ -75,6 +77,7 @@ def launch_devices(script: str, args, argv: Sequence[str], log=print) -> int | N
     if devices is None or under_torchrun() or getattr(args, "list_models", False):
         return None
     visible = _gpus(args.no_gpu)
+    parse_devices(devices, 1 << 16)  # a typo is an error here too, not first on the GPU server
     if visible == 0:
         log(f"notice: --devices {devices}: no GPU visible, training on the CPU in one process")
         return None

@@ -15,6 +15,7 @@ from .errors import UserError
 # The CIFAR-10 notes (guide 001): >= 93% test accuracy with a wider residual network.
 CIFAR10 = {
     "model": "cifar_resnet",          # residual stages of 128-256-512-768 channels
+    "img_size": 32,                   # CIFAR's own size (also for a folder of 32 px images)
     "batch_size": 128,
     "optimizer": "adamw",
     "amsgrad": True,

@@ -29,7 +29,7 @@ from .device import (
 )
 from .distributed import DistContext, barrier, context_from_env, init_process_group
 from .engine import TrainState
-from .errors import UserError
+from .errors import UserError, note_checkpoint
 from .optim import Schedule
 from .outdir import OutputLock, check_writable, save_failure, sweep_temporary_files
 from .precision import Precision, make_precision
@@ -198,6 +198,7 @@ class EpochWriter:
         out = self.s.output
         writes = [atomic_write(snap["best"], out / self.best_name)] if snap["best"] is not None else []
         writes.append(atomic_write(snap["checkpoint"], out / "checkpoint.pth"))
+        writes.append(("(noting the save)", lambda: note_checkpoint(out / "checkpoint.pth", epoch)))
         if self.keep_last is not None:
             writes.append((str(out / f"checkpoint_epoch{epoch}.pth"), lambda: self._epoch_copy(epoch)))
         writes.append((str(out / "metrics.csv"),

@@ -17,7 +17,7 @@ from torch import nn
 from .cli import check_training_values
 from .distributed import convert_sync_batchnorm, destroy_process_group, wrap_ddp
 from .engine import StepConfig, TrainState, fit
-from .errors import UserError
+from .errors import UserError, note_checkpoint
 from .memory import OOMRecovery, memory_state, restore_memory_state
 from .optim import Schedule, build_optimizer
 from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config, start_session
@@ -151,7 +151,8 @@ def _moving_average(args: argparse.Namespace, ckpt: dict | None, plain: nn.Modul
     elif ckpt is not None:
         s.log("notice: the checkpoint has no moving average (--ema was off); it starts from the "
               "current weights")
-    s.log(f"EMA of the weights, decay {args.ema}: evaluated every epoch, saved when it is the better")
+    s.log(f"EMA of the weights, decay {args.ema}: evaluated every epoch, saved as the best model "
+          "when it scores higher than the weights themselves")
     return ema
 
 
@@ -180,6 +181,7 @@ def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
     if ckpt is None:
         return TrainState()
     state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
+    note_checkpoint(args.resume, state.epoch)
     if args.epochs <= state.epoch:
         raise UserError(f"{args.resume} has already trained {state.epoch} epochs; pass "
                         f"--epochs above {state.epoch} to train further")

@@ -159,7 +159,7 @@ def test_the_cifar10_recipe_resolves_to_the_notes_values():
     expected = {"model": "cifar_resnet", "batch_size": 128, "optimizer": "adamw", "amsgrad": True,
                 "lr": 0.002, "scheduler": "warmrestart", "t0": 40, "t_mult": 1, "epochs": 150,
                 "clip_grad": 1.0, "mixup": 1.0, "mix_prob": 0.5, "early_stopping_patience": 50,
-                "min_delta": 2e-4, "augment": "cifar", "amp": True, "test": True}
+                "min_delta": 2e-4, "augment": "cifar", "amp": True, "test": True, "img_size": 32}
     assert {k: getattr(args, k) for k in expected} == expected
     assert set(CIFAR10) >= set(expected)
     overridden = recipe_args("--recipe", "cifar10", "--epochs", "3", "--lr", "0.01")
@@ -216,7 +216,7 @@ def test_two_epochs_of_the_recipe_train_and_evaluate_on_the_test_set(tmp_path, m
                            "--output", str(out), "--epochs", "2", "--batch-size", "16",
                            "--num-workers", "0"]) == 0
     log = capsys.readouterr().out
-    assert "recipe cifar10: model=cifar_resnet batch_size=16" in log
+    assert "recipe cifar10: model=cifar_resnet img_size=32 batch_size=16" in log
     assert "overridden on the command line: batch_size, epochs" in log
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == "cifar10" and config["mix_prob"] == 0.5 and config["t0"] == 40
@@ -254,14 +254,20 @@ def test_training_accuracy_counts_the_dominant_class_of_a_mixed_target():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--mixup", "-1"], "--mixup must be 0 (off) or a positive"),
-    (["--mixup", "0.2", "--mix-prob", "1.5"], "--mix-prob must be between 0 and 1"),
-    (["--ema", "1.5"], "--ema must be between 0 and 1"),
+    (["--mixup", "-1"], "--mixup must be a number >= 0, got -1.0"),
+    (["--mixup", "0.2", "--mix-prob", "1.5"], "--mix-prob must be a number >= 0 and <= 1, got 1.5"),
+    (["--ema", "1"], "--ema must be a number > 0 and < 1, got 1.0"),
 ])
-def test_bad_regularisation_values_are_one_line(dataset, tmp_path, capsys, flags, message):
-    assert run(dataset, tmp_path / "out", "--epochs", "1", *flags) == 2
+def test_bad_regularisation_values_are_one_line_before_the_folder_is_touched(dataset, tmp_path, capsys,
+                                                                             flags, message):
+    out = tmp_path / "out"
+    assert run(dataset, out, "--epochs", "1") == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert run(dataset, out, "--epochs", "1", *flags) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert err == f"error: {message}\n"
+    assert sorted(p.name for p in out.iterdir()) == before  # no previous_run_* made
 
 
 def test_ema_is_the_library_formula_without_reading_the_counter():
@@ -342,6 +348,36 @@ def test_devices_0_1_launches_two_processes_on_those_gpus(monkeypatch, capsys):
 def test_devices_without_a_gpu_trains_in_this_process(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path / "out", "--epochs", "1", "--devices", "0,1") == 0
     assert "--devices 0,1: no GPU visible, training on the CPU in one process" in capsys.readouterr().out
+    assert run(dataset, tmp_path / "out2", "--epochs", "1", "--devices", "abc") == 2  # a typo: now
+    assert "--devices 'abc': expected auto" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_which_checkpoint_is_intact_or_that_there_is_none(dataset, tmp_path, monkeypatch,
+                                                                      capsys):
+    from common import engine, errors
+
+    monkeypatch.setattr(errors, "_SAVED", {})
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_in_epoch(n):
+        def fake(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return fake
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(1))
+    assert run(dataset, tmp_path / "a", "--epochs", "3") == 130
+    assert "interrupted before the first checkpoint was saved: nothing to resume" in capsys.readouterr().err
+    calls["n"] = 0
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_epoch(3))
+    assert run(dataset, tmp_path / "b", "--epochs", "3") == 130
+    saved = tmp_path / "b" / "checkpoint.pth"
+    err = capsys.readouterr().err
+    assert f"interrupted: {saved} (epoch 2) is intact; continue with --resume {saved}" in err
+    assert ckpt_lib.load_checkpoint(saved)["train_state"]["epoch"] == 2
 
 
 # ------------------------------------------------------------------ saving beside training

@@ -55,6 +55,8 @@ def classification_batches(train_set: Any, val_set: Any, pre: dict[str, Any], ar
     """Cached train and val batches for image classification, or None for the DataLoader path."""
     mode = getattr(args, "data_cache", "off")
     if mode == "off":
+        s.log("data cache: off (--data-cache off): the images are decoded and augmented per image, "
+              "every epoch")
         return None
     size = int(pre["resize_size"])
     nbytes = estimate_bytes(len(train_set) + len(val_set), 3, size, size)
@@ -68,6 +70,7 @@ def classification_batches(train_set: Any, val_set: Any, pre: dict[str, Any], ar
             raise UserError(f"--data-cache {mode} does not support this data set; use --data-cache off")
         return None
     _record_bad(caches, s)
+    _say_built(caches, s)
     train, val = (place(c, placement, s.device, pin=s.pin_memory) for c in caches)
     mean, std, out = pre["mean"], pre["std"], int(pre["img_size"])
     hflip = not getattr(args, "no_hflip", False)
@@ -78,6 +81,14 @@ def classification_batches(train_set: Any, val_set: Any, pre: dict[str, Any], ar
     return (CachedBatches(train.images, train.labels, args.batch_size, augment=train_aug, train=True,
                           seed=args.seed, **common),
             CachedBatches(val.images, val.labels, args.batch_size, augment=eval_aug, train=False, **common))
+
+
+def _say_built(caches, s) -> None:
+    """What was decoded now (the reuse of a cache file is said by the cache itself)."""
+    for cache in caches:
+        if not cache.reused:
+            where = f"saved to {cache.file}" if cache.file is not None else "not saved to a file"
+            s.log(f"data cache: decoded {len(cache)} images once ({cache.nbytes / 1e6:.1f} MB, {where})")
 
 
 def _record_bad(caches, s) -> None:
@@ -114,6 +125,7 @@ def segmentation_batches(train_pairs, val_pairs, mask_values, args, s, *, in_cha
                "log": s.log}
     caches = _ordered_build(s, lambda: tuple(build_pair_cache(p, mask_values, args.scale, in_chans, **options)
                                              for p in (train_pairs, val_pairs)))
+    _say_built(caches, s)
     train, val = (place(c, placement, s.device, pin=s.pin_memory) for c in caches)
     zeros, ones = [0.0] * in_chans, [1.0] * in_chans
     common = {"device": s.device, "rank": s.ctx.rank, "world_size": s.ctx.world_size, "masks": True}
