@@ -114,8 +114,10 @@ def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth"]
 
 
-@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
-def test_failed_save_keeps_previous_file(tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error, raised", [(RuntimeError("unexpected pos 64"), OSError),
+                                           (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch, error, raised):
+    """torch's writer failing (RuntimeError) is the OSError it stands for, naming the file."""
     path = saved_checkpoint(tmp_path)
     before = path.read_bytes()
     real_save = torch.save
@@ -125,8 +127,10 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch, error):
         raise error
 
     monkeypatch.setattr(ck.torch, "save", broken_save)
-    with pytest.raises(type(error)):
+    with pytest.raises(raised) as caught:
         ck.atomic_save(payload(), path)
+    if raised is OSError:
+        assert caught.value.filename == str(path) and "unexpected pos 64" in caught.value.strerror
     monkeypatch.setattr(ck.torch, "save", real_save)
     assert path.read_bytes() == before
     assert ck.load_checkpoint(path)["classes"] == ["a", "b", "c"]
