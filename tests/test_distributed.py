@@ -70,8 +70,16 @@ def _reference(mode: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
     result = torchrun(SCRIPTS / "equivalence.py", str(tmp_path))
+    if result.returncode != 0 and TEARDOWN_ABORT in result.stderr:
+        # A gloo process sometimes aborts in C++ teardown after every result is written (about 1
+        # run in 10-20 on this 2-core machine; root cause not found, see the session note of
+        # issue 10). Run once more; a failure that repeats still fails the test.
+        result = torchrun(SCRIPTS / "equivalence.py", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     # 2 epochs x 8 optimizer steps, one gradient bucket: one all-reduce per optimizer step, so
     # with accumulation (2 micro-steps per optimizer step) the first micro-step skipped it
