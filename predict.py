@@ -156,7 +156,9 @@ def _results_file(outputs: Sequence[str] | None) -> Path | None:
         return None
     if len(outputs) != 1 or Path(outputs[0]).suffix.lower() not in {".csv", ".json"}:
         raise UserError(f"--output {' '.join(outputs)}: for a classifier give one .csv or .json file")
-    return Path(outputs[0])
+    from common.outdir import prepare_output_file
+
+    return prepare_output_file(outputs[0], "--output")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,10 @@ def _main(argv: Sequence[str] | None) -> int:
     from common.session import start_session
     from common.tasks import ClassificationTask
 
+    if args.results_file:
+        from common.outdir import prepare_output_file
+
+        prepare_output_file(args.results_file, "--results-file")
     s = start_session(args, None)
     loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
                                 trust=args.trust_checkpoint)

@@ -116,3 +116,20 @@ def save_failure(exc: OSError, folder: Path, needed_bytes: int | None) -> UserEr
     return UserError(f"could not write {name}: {why}{need}; the previous checkpoint.pth in {folder} "
                      "is intact: make room or fix the folder, then continue with --resume "
                      f"{folder / 'checkpoint.pth'}")
+
+
+def prepare_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file a tool writes after its work (--results-file, predict's --output): its folder is
+    created and checked first, so a typo in the folder costs no evaluation."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{flag} {file} is a folder; pass a file name, e.g. {file / 'results.json'}")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        probe = file.parent / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write {flag} {file} ({exc.strerror or exc}); pass a path in a "
+                        "writable folder") from None
+    return file

@@ -133,3 +133,29 @@ def test_resume_into_another_folder_continues_there_with_every_output(dataset, t
     named = [word.rstrip(",;") for word in last.split() if word.endswith((".pth", ".pth,", ".pth;"))]
     assert named and all(os.path.isfile(name) for name in named), last
     assert all(str(elsewhere) in name for name in named)
+
+
+def test_results_files_in_missing_folders_are_created_and_impossible_ones_refused_first(dataset, tmp_path,
+                                                                                         capsys):
+    import predict
+    import validate
+
+    out = tmp_path / "out"
+    assert run(dataset, out) == 0
+    model = str(out / "best_model.pth")
+    results = tmp_path / "new" / "deeper" / "results.json"
+    assert validate.main(["--model", model, "--data-dir", str(dataset / "val"), "--num-workers", "0",
+                          "--results-file", str(results)]) == 0
+    assert json.loads(results.read_text())["images"] == 12
+    preds = tmp_path / "other" / "preds.csv"
+    image = next((dataset / "val" / "top").iterdir())
+    assert predict.main(["--model", model, "--input", str(image), "--output", str(preds)]) == 0
+    assert preds.read_text().count("\n") >= 2
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    capsys.readouterr()
+    assert validate.main(["--model", model, "--data-dir", str(dataset / "val"),
+                          "--results-file", str(blocker / "results.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: cannot write --results-file {blocker / 'results.json'}")
+    assert "top-1" not in captured.out  # refused before the evaluation
