@@ -35,7 +35,7 @@ class EMA:
         own = [*self.module.parameters(), *self.module.buffers()]
         src = [*self.source.parameters(), *self.source.buffers()]
         floats = [i for i, t in enumerate(own) if torch.is_floating_point(t)]
-        others = [i for i in range(len(own)) if i not in set(floats)]
+        others = [i for i, t in enumerate(own) if not torch.is_floating_point(t)]
         return ([own[i].detach() for i in floats], [src[i].detach() for i in floats],
                 [own[i] for i in others], [src[i] for i in others])
 

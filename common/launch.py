@@ -44,28 +44,37 @@ def relaunch(script: str, nproc: int, max_restarts: int, argv: Sequence[str], no
                            env={**os.environ, **env} if env else None)
 
 
-def parse_devices(text: str, visible: int) -> list[int]:
-    """--devices as Lightning reads it: 'auto' (every visible GPU), 'N' (the first N) or a list
-    '0,1' (those indices among the visible GPUs)."""
+def requested_devices(text: str) -> list[int] | None:
+    """--devices as Lightning reads it: 'auto' (None: every visible GPU), 'N' (the first N) or a
+    list '0,1' (those indices among the visible GPUs). Only the spelling is checked here."""
     value = str(text).strip().strip("[]()").replace(" ", "")
     if not value:
         raise UserError("--devices is empty: expected auto, a number of GPUs (2) or a list (0,1)")
     if value in {"auto", "-1"}:
-        return list(range(visible))
+        return None
     try:
         if "," not in value:
             count = int(value)
             if count < 1:
                 raise ValueError
-            ids = list(range(count))
-        else:
-            ids = [int(part) for part in value.split(",") if part]
+            return list(range(count))
+        ids = [int(part) for part in value.split(",") if part]
     except ValueError:
         raise UserError(f"--devices {text!r}: expected auto, a number of GPUs (2) or a list of GPU "
                         "indices (0,1)") from None
-    wrong = [i for i in ids if i < 0 or i >= visible]
-    if wrong or len(set(ids)) != len(ids):
-        raise UserError(f"--devices {text!r} names GPU(s) {wrong or ids} but {visible} GPU(s) are "
+    if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+        raise UserError(f"--devices {text!r}: each GPU index once, 0 or more")
+    return ids
+
+
+def parse_devices(text: str, visible: int) -> list[int]:
+    """The GPU indices --devices names, checked against the `visible` GPUs."""
+    ids = requested_devices(text)
+    if ids is None:
+        return list(range(visible))
+    wrong = [i for i in ids if i >= visible]
+    if wrong:
+        raise UserError(f"--devices {text!r} names GPU(s) {wrong} but {visible} GPU(s) are "
                         f"visible (indices 0-{visible - 1}); pick among them")
     return ids
 
@@ -77,7 +86,7 @@ def launch_devices(script: str, args, argv: Sequence[str], log=print) -> int | N
     if devices is None or under_torchrun() or getattr(args, "list_models", False):
         return None
     visible = _gpus(args.no_gpu)
-    parse_devices(devices, 1 << 16)  # a typo is an error here too, not first on the GPU server
+    requested_devices(devices)  # a typo is an error here too, not first on the GPU server
     if visible == 0:
         log(f"notice: --devices {devices}: no GPU visible, training on the CPU in one process")
         return None

@@ -8,23 +8,12 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import UserError
-
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def check_mixing(mixup: float, cutmix: float, prob: float) -> None:
-    for flag, value in (("--mixup", mixup), ("--cutmix", cutmix)):
-        if value < 0:
-            raise UserError(f"{flag} must be 0 (off) or a positive Beta alpha such as 0.2 or 1.0, "
-                            f"got {value}")
-    if not 0.0 <= prob <= 1.0:
-        raise UserError(f"--mix-prob must be between 0 and 1, got {prob}")
-
-
 def make_mixer(num_classes: int, mixup: float, cutmix: float, prob: float) -> Mixer | None:
-    """None when neither --mixup nor --cutmix is on (or --mix-prob is 0)."""
-    check_mixing(mixup, cutmix, prob)
+    """None when neither --mixup nor --cutmix is on (or --mix-prob is 0). The values were checked
+    with the other training numbers (cli.check_training_values)."""
     from torchvision.transforms import v2
 
     choices = []

@@ -109,8 +109,9 @@ _SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exc
 
 def save_failure(exc: OSError, folder: Path, needed_bytes: int | None) -> UserError:
     """A write that failed mid-run, as the one line a user can act on."""
-    name = exc.filename or next((n.split()[2] for n in getattr(exc, "__notes__", [])
-                                 if n.startswith("while writing ")), str(folder))
+    notes = [n.removeprefix("while writing ").removesuffix(" in the background")
+             for n in getattr(exc, "__notes__", []) if n.startswith("while writing ")]
+    name = exc.filename or (notes[0] if notes else str(folder))  # the saver labels each write
     why = _SPACE.get(exc.errno or 0, exc.strerror or str(exc))
     need = f" (about {needed_bytes / 1e6:.0f} MB needed)" if needed_bytes and exc.errno in _SPACE else ""
     return UserError(f"could not write {name}: {why}{need}; the previous checkpoint.pth in {folder} "
