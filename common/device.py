@@ -37,9 +37,13 @@ def select_device(name: str = "auto", gpu_id: int | None = None, no_gpu: bool = 
         return torch.device("cpu")
     if name not in {"auto", "cuda"} and not name.startswith("cuda:"):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if gpu_id is not None and gpu_id < 0:
+        raise UserError(f"--gpu-id must be a GPU index (0, 1, ...), got {gpu_id}")
     if not torch.cuda.is_available():
         if name != "auto":
             log(f"notice: --device {name} requested but CUDA is not available; using the CPU")
+        elif gpu_id is not None:
+            log(f"notice: --gpu-id {gpu_id} requested but CUDA is not available; using the CPU")
         elif _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -56,9 +60,12 @@ def select_device(name: str = "auto", gpu_id: int | None = None, no_gpu: bool = 
 def _cuda_index(name: str, gpu_id: int | None, local_rank: int | None) -> int:
     if name.startswith("cuda:"):
         try:
-            return int(name.split(":", 1)[1])
+            index = int(name.split(":", 1)[1])
         except ValueError:
-            raise UserError(f"bad --device {name!r}; write cuda:N with N a GPU index") from None
+            index = -1
+        if index < 0:
+            raise UserError(f"bad --device {name!r}; write cuda:N with N a GPU index (0, 1, ...)")
+        return index
     if local_rank is not None:
         return local_rank
     return gpu_id or 0

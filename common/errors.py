@@ -1,8 +1,10 @@
 """UserError and the one place that turns it into `error: ...` and exit code 2."""
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 
@@ -40,6 +42,39 @@ def interrupted_message() -> str:
             f"--resume {_SAVED['path']}")
 
 
+def error_marks_dir(run_id: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"toolkit-errors-{run_id}")
+
+
+def _first_to_report(message: str) -> bool:
+    """Under torchrun, whether this process is the first of the job's processes on this machine
+    to report `message`: a marker file per distinct message, created exclusively."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT")
+    if not run_id or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return True
+    folder = error_marks_dir(run_id)
+    mark = os.path.join(folder, hashlib.sha1(message.encode()).hexdigest()[:16])
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no temp folder: better twice than never
+    return True
+
+
+def report_error(message: str) -> None:
+    """One `error:` line on stderr, in a single write so that the lines of several processes
+    sharing the terminal never run together. Under torchrun, once per distinct message, and a
+    rank other than 0 starts a new line first (rank 0 may be drawing a progress bar there)."""
+    if not _first_to_report(message):
+        return
+    other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+    sys.stderr.write(f"{chr(10) if other_rank else ''}error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit code 2.
 
@@ -50,7 +85,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         try:
             return main(args)
         except UserError as exc:
-            print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
+            report_error(user_message(exc))
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print(interrupted_message(), file=sys.stderr)

@@ -4,17 +4,57 @@ torch is imported inside the functions: the scripts import this module before pa
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from .errors import UserError
+from .errors import UserError, error_marks_dir
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_AGENT = (f"import sys; sys.path.insert(0, {_ROOT!r}); from common.launch import agent_main; "
+          "raise SystemExit(agent_main())")
 
 
 def launch_command(script: str, nproc: int, max_restarts: int, argv: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    """torch.distributed.run's own arguments, run by agent_main (which reports the job's end)."""
+    return [sys.executable, "-c", _AGENT, "--standalone",
             f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
             os.path.abspath(script), *argv]
+
+
+def job_exit_code(exc) -> int:
+    """The exit code of a failed job (a ChildFailedError): 2 when the first process to fail stopped
+    on a UserError (it printed its `error:` line; the agent then stopped the others), else 1."""
+    _, first = exc.get_first_failure()
+    return 2 if getattr(first, "exitcode", 1) == 2 else 1
+
+
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    """torch.distributed.run, reporting a failed job the toolkit's way: a job stopped by the user's
+    mistake ends with the processes' own `error:` lines and exit code 2, not torch's failure table
+    and traceback; a crash shows the table (which rank failed, its exit code) and exits 1."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    nproc = int(args.nproc_per_node)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nproc, 1))))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        code = job_exit_code(exc)
+        if code != 2:
+            print(exc.format_msg(), file=sys.stderr, flush=True)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        shutil.rmtree(error_marks_dir(str(args.rdzv_id)), ignore_errors=True)
+    return 0
 
 
 def _gpus(no_gpu: bool) -> int:

@@ -201,3 +201,20 @@ def test_cuda_without_bfloat16_falls_back_to_float16(fake_cuda, monkeypatch):
 def test_cuda_without_amp_has_no_scaler(fake_cuda):
     p = prec.make_precision(torch.device("cuda", 0), amp=False)
     assert p.dtype is None and not p.scaler.is_enabled()
+
+
+def test_gpu_id_without_cuda_is_a_notice_and_a_negative_index_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    said = []
+    assert dev.select_device("auto", gpu_id=3, log=said.append) == CPU
+    assert said == ["notice: --gpu-id 3 requested but CUDA is not available; using the CPU"]
+    said.clear()
+    assert dev.select_device("auto", log=said.append) == CPU
+    assert said == []  # nothing asked for, nothing to say
+    with pytest.raises(UserError, match="--gpu-id must be a GPU index"):
+        dev.select_device("auto", gpu_id=-1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="cuda:N with N a GPU index"):
+        dev.select_device("cuda:-1")

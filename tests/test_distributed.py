@@ -190,3 +190,45 @@ def test_without_gpus_and_without_nproc_it_runs_one_process(dataset, tmp_path, c
                                  *FAST, "--epochs", "1"]) == 0
     assert "single process" in capsys.readouterr().out
     assert (out / "best_model.pth").is_file()
+
+
+def test_a_user_error_in_every_rank_is_one_line_and_exit_code_2(tmp_path):
+    """Self-launched: both ranks find the data folder missing; the user sees the one error line,
+    not one per rank, nor torch's failure table and traceback."""
+    result = subprocess.run([sys.executable, str(ROOT / "multi_gpu_train.py"), "--distributed",
+                             "--nproc-per-node", "2", "--data-dir", str(tmp_path / "missing"),
+                             "--output", str(tmp_path / "o")], capture_output=True, text=True,
+                            timeout=240, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "does not exist" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "FAILED" not in result.stderr
+
+
+def test_a_crash_under_the_self_launch_shows_which_rank_failed(dataset, tmp_path):
+    from common.launch import launch_command
+
+    args = ["--data-dir", str(dataset), "--output", str(tmp_path / "o"), *FAST, "--epochs", "5"]
+    cmd = launch_command(str(SCRIPTS / "fail_rank1.py"), 2, 0, args)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1
+    assert re.search(r"Root Cause.*?rank\s*:\s*1 ", result.stderr, re.S), result.stderr[-3000:]
+    assert "RuntimeError: injected failure on rank 1 at step 3" in result.stdout + result.stderr
+
+
+def test_error_lines_of_several_ranks_are_printed_once_each(monkeypatch, capsys, tmp_path):
+    from common import errors
+
+    monkeypatch.setattr(errors.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    errors.report_error("data folder x does not exist")
+    monkeypatch.setenv("RANK", "0")
+    errors.report_error("data folder x does not exist")  # the other rank, same message: not again
+    errors.report_error("another problem")
+    assert capsys.readouterr().err == "\nerror: data folder x does not exist\nerror: another problem\n"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: always printed
+    errors.report_error("data folder x does not exist")
+    assert capsys.readouterr().err == "error: data folder x does not exist\n"
