@@ -34,6 +34,7 @@ from .distributed import barrier, restart_count
 from .engine import evaluate
 from .errors import UserError
 from .mixing import make_mixer
+from .preflight import check_input_size, check_training_memory
 from .models import build_model, list_models, load_weights_file
 from .recipes import describe_recipes, describe_resolved, recipe_layer
 from .session import Session, check_positive
@@ -133,6 +134,7 @@ def build_data(args: argparse.Namespace, s: Session, prep: Preparation | None = 
     if img_size < 8:
         raise UserError(f"--img-size must be at least 8, got {img_size}")
     if getattr(args, "demo", False):
+    check_input_size("--img-size", img_size, img_size, 3, args.batch_size, s.device)
         if s.is_main:
             make_demo_dataset(Path(args.data_dir), images_per_class=args.demo_images)
         barrier()
@@ -194,6 +196,8 @@ def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
     test_loader = _test_loader(args, s, data)
+    check_training_memory(plain, "--img-size", data.preprocessing["img_size"], 3, args.batch_size,
+                          s.device, s.log)
     job = Job(task=ClassificationTask(len(data.classes), args.label_smoothing), model=model,
               plain=plain, spec=spec, meta={"classes": data.classes, "preprocessing": data.preprocessing},
               train_loader=data.train_loader, val_loader=data.val_loader, channels_last=channels_last,

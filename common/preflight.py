@@ -1,0 +1,144 @@
+"""Will an input size fit in memory? Checked before the work, so that `--img-size 100000` is one
+line instead of the machine's out-of-memory killer after minutes (exit 137, nothing saved).
+
+Two estimates, both lower bounds, so a size that could fit is never refused:
+- before the data and the model: the bytes one input takes while it is prepared (the decoded
+  uint8 image, its float32 tensor and the augmented copy), times the batch;
+- once the model is built: the activations autograd keeps for the backward pass, measured on a
+  dry run at a small size (tensors saved for backward, counted once each, through
+  torch.autograd.graph.saved_tensors_hooks) and scaled to the real size by the pixel count,
+  plus weights, gradients and two optimizer moments.
+Memory is the GPU's free memory on CUDA, else the available RAM. On CUDA a batch that does not
+fit is left to out-of-memory recovery (common/memory.py: checkpointing, then smaller
+micro-batches; `recovers`), so only a single input that cannot fit is refused there; on the CPU an
+allocation beyond the RAM ends the process, so the batch is checked too.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .data.cache import available_ram
+from .errors import UserError
+
+PREPARE_COPIES = 9  # bytes per pixel and channel while an input is made: uint8 + float32 + float32
+PARAM_COPIES = 4  # weights, gradients and two Adam/AdamW moments, float32
+PROBE_SIZE = 64  # pixels of the dry run's square inputs
+PROBE_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
+
+
+def human(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def memory_budget(device: torch.device) -> tuple[int | None, str]:
+    """(bytes an allocation can use, what they are): free GPU memory on CUDA, else available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), "free on the GPU"
+    return available_ram(), "of available RAM"
+
+
+def _largest_square(budget: float, bytes_per_pixel: float) -> int:
+    return max(0, int(math.sqrt(max(budget, 0) / bytes_per_pixel)))
+
+
+def check_input_size(flag: str, height: int, width: int, channels: int, batch: int,
+                     device: torch.device, budget: tuple[int | None, str] | None = None,
+                     recovers: bool | None = None) -> None:
+    """Refuse an input size whose preparation alone cannot fit (one input on CUDA, the batch on
+    the CPU), before any image is read."""
+    avail, where = budget or memory_budget(device)
+    if avail is None:
+        return
+    per_input = PREPARE_COPIES * channels * height * width
+    count = 1 if (device.type == "cuda" if recovers is None else recovers) else batch
+    if count * per_input <= avail:
+        return
+    side = _largest_square(avail / count, PREPARE_COPIES * channels)
+    what = "one input" if count == 1 else f"a batch of {batch}"
+    named = f"{flag} {height}" if height == width else flag
+    raise UserError(f"{named}: inputs of {height} x {width} px cannot fit: preparing {what} takes at "
+                    f"least {human(count * per_input)}, and there is {human(avail)} {where}; use a "
+                    f"smaller {flag} (about {side} px at most{'' if count == 1 else ' at this batch size'})")
+
+
+def saved_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of one forward of `example`, each
+    storage counted once. The model is left as it was (mode and buffers such as BatchNorm's
+    running statistics)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), t.device.index or 0)] = storage.nbytes()
+        return t
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        model.train()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = model(example)
+        del output
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    # weights are counted apart, the input with the inputs
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip.add(example.untyped_storage().data_ptr())
+    return sum(n for (ptr, _), n in seen.items() if ptr not in skip)
+
+
+def activation_bytes_per_pixel(model: nn.Module, channels: int, device: torch.device,
+                               size: int) -> float | None:
+    """Saved activation bytes per input pixel, measured at PROBE_SIZE (or at `size` itself for a
+    model that cannot take small inputs); None when no dry run works."""
+    for probe in dict.fromkeys((min(size, PROBE_SIZE), size if size <= 4 * PROBE_SIZE else None)):
+        if probe is None:
+            continue
+        example = torch.randn(PROBE_BATCH, channels, probe, probe, device=device)
+        try:
+            saved = saved_activation_bytes(model, example)
+        except (RuntimeError, ValueError, TypeError, AssertionError):
+            continue  # a model with a fixed input size, or too small an input for it
+        return saved / (PROBE_BATCH * probe * probe)
+    return None
+
+
+def check_training_memory(model: nn.Module, flag: str, size: int, channels: int, batch: int,
+                          device: torch.device, log: Callable[[str], None],
+                          budget: tuple[int | None, str] | None = None, recovers: bool | None = None) -> None:
+    """Refuse a size at which training cannot fit even one input (on the CPU: the batch); log a
+    notice when, on CUDA, the batch is expected not to fit and recovery will split it."""
+    avail, where = budget or memory_budget(device)
+    per_pixel = activation_bytes_per_pixel(model, channels, device, size)
+    if avail is None or per_pixel is None:
+        return
+    fixed = PARAM_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    per_input = (per_pixel + PREPARE_COPIES * channels) * size * size
+    recovers = device.type == "cuda" if recovers is None else recovers
+    count = 1 if recovers else batch
+    need = fixed + count * per_input
+    if need > avail:
+        side = _largest_square((avail - fixed) / count, per_pixel + PREPARE_COPIES * channels)
+        what = "one input" if count == 1 else f"a batch of {batch}"
+        fix = f"use a smaller {flag} (about {side} px at most)" if side >= 8 else \
+            "the model itself does not fit: use a smaller model"
+        if count > 1 and fixed + per_input <= avail:
+            fix += f", or a smaller --batch-size (about {max(1, int((avail - fixed) // per_input))})"
+        raise UserError(f"{flag} {size}: training cannot fit: {what} needs at least {human(need)} "
+                        f"(weights, gradients and optimizer {human(fixed)}, activations and inputs "
+                        f"{human(per_input)} per input), and there is {human(avail)} {where}; {fix}")
+    if recovers and fixed + batch * per_input > avail:
+        log(f"notice: a batch of {batch} at {size} px needs at least {human(fixed + batch * per_input)} "
+            f"and {human(avail)} is {where}; out-of-memory recovery will split it into micro-batches")
