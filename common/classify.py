@@ -34,8 +34,8 @@ from .distributed import barrier, restart_count
 from .engine import evaluate
 from .errors import UserError
 from .mixing import make_mixer
-from .preflight import check_input_size, check_training_memory
 from .models import build_model, list_models, load_weights_file
+from .preflight import check_input_size, check_training_memory
 from .recipes import describe_recipes, describe_resolved, recipe_layer
 from .session import Session, check_positive
 from .tasks import ClassificationTask
