@@ -37,6 +37,7 @@ def select_device(name: str = "auto", gpu_id: int | None = None, no_gpu: bool = 
         return torch.device("cpu")
     if name not in {"auto", "cuda"} and not name.startswith("cuda:"):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    index = _cuda_index(name, gpu_id, local_rank)  # its spelling is checked on every machine
     if gpu_id is not None and gpu_id < 0:
         raise UserError(f"--gpu-id must be a GPU index (0, 1, ...), got {gpu_id}")
     if not torch.cuda.is_available():
@@ -47,7 +48,6 @@ def select_device(name: str = "auto", gpu_id: int | None = None, no_gpu: bool = 
         elif _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    index = _cuda_index(name, gpu_id, local_rank)
     count = torch.cuda.device_count()
     if index >= count:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
