@@ -139,9 +139,14 @@ _RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, Tru
            ("min_delta", 0.0, None, True, True), ("min_lr", 0.0, None, True, True),
            ("gamma", 0.0, None, False, True), ("mixup", 0.0, None, True, True),
            ("cutmix", 0.0, None, True, True), ("mix_prob", 0.0, 1.0, True, True),
-           ("ema", 0.0, 1.0, False, False))
+           ("ema", 0.0, 1.0, False, False), ("nan_max_skips", 0, None, True, True))
 
 
+    g.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
+                   help="a step whose loss or gradient is NaN or infinite: stop the run, keeping the last "
+                        "good checkpoint (default), or skip that step's update")
+    g.add_argument("--nan-max-skips", type=int, default=10,
+                   help="with --nan-policy skip: stop once more steps than this were skipped (default: 10)")
 def check_training_values(args: argparse.Namespace) -> None:
     """Numbers a training run cannot use, refused before any work: NaN and infinity anywhere, and
     values outside the flag's range (a negative --clip-grad would reverse the gradients)."""

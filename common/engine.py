@@ -2,7 +2,8 @@
 
 The step never waits for the device: inputs move with non_blocking=True, loss and metric
 totals stay on the device, and numbers are read only every --log-interval steps (for the
-progress bar) and once at the end of an epoch.
+progress bar and the NaN/Inf guard, common/nanguard.py) and once at the end of an epoch.
+A validation loss or metric that is not finite never makes a best model.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class TrainState:
 
     def improved(self, value: float | None, min_delta: float) -> bool:
         """Record `value` (higher is better); True when it beats the best by min_delta."""
-        if value is None or math.isnan(value):
+        if value is None or not math.isfinite(value):
             return False
         if self.best_metric is None or value > self.best_metric + min_delta:
             self.best_metric, self.best_epoch = value, self.epoch
@@ -81,6 +82,7 @@ class StepConfig:
     # On each loaded batch, once, on the device (MixUp/CutMix): (inputs, targets) -> (inputs, targets)
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     ema: Any = None  # common.ema.EMA, updated after every optimizer step
+    guard: Any = None  # common.nanguard.NonFiniteGuard: non-finite loss/gradient -> stop or skip
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +121,8 @@ def _micro_steps(model: nn.Module, task: Any, batch: Any, totals: dict[str, torc
             with precision.autocast():
                 outputs = model(x)
                 loss = task.loss(outputs, y, train=True)
+            if cfg.guard is not None:
+                cfg.guard.check_loss(loss)
             precision.scaler.scale(loss * (y.shape[0] / n / group_size)).backward()
         task.accumulate(totals, outputs.detach(), y, loss.detach())
     return n
@@ -131,11 +135,15 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
 
     Batches are grouped by cfg.accumulate (a short last group is weighted by its real size);
     the optimizer steps once per group. An out-of-memory error replays the group after
-    cfg.recovery has lowered the memory need (see common/memory.py)."""
+    cfg.recovery has lowered the memory need (see common/memory.py). cfg.guard checks the loss and
+    the gradients on the device and reads its flags with the log interval (common/nanguard.py)."""
     model.train()
     totals = task.new_totals(device, train=True)
     n_batches = len(loader)  # type: ignore[arg-type]
     accumulate = max(cfg.accumulate, 1)
+    guard = cfg.guard
+    if guard is not None:
+        guard.start_epoch(state.epoch + 1, state.step, loader, accumulate, n_batches)
     samples, started = 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     group: list[Any] = []
@@ -148,19 +156,29 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
             group_size = min(accumulate, n_batches - group_start)
             if i == group_start:
                 group, at_group_start = [], _snapshot(totals, cfg)
+                if guard is not None:
+                    guard.begin_group(model)
             group.append(batch)
             last_in_group = i == group_start + group_size - 1
             samples += _run_guarded(model, task, group, totals, at_group_start, optimizer, precision,
                                     device, cfg, group_size, last_in_group)
             if last_in_group:
-                _optimizer_step(model, optimizer, precision, cfg.clip_grad)
+                skipped = _optimizer_step(model, optimizer, precision, cfg, i // accumulate)
+                if skipped is not None and at_group_start is not None:  # the skipped batches do not count
+                    for key, value in at_group_start.items():
+                        totals[key].copy_(torch.where(skipped, value, totals[key]))
                 if cfg.ema is not None:
                     cfg.ema.update()
                 schedule.step()
                 state.step += 1
             bar.update(1)
-            if cfg.show_progress and (i + 1) % cfg.log_interval == 0:
-                bar.set_postfix(_postfix(task, totals, schedule.lr, samples, started), refresh=False)
+            if (i + 1) % cfg.log_interval == 0:
+                if guard is not None:  # on every rank: under DDP the read is a collective
+                    guard.read()
+                if cfg.show_progress:
+                    bar.set_postfix(_postfix(task, totals, schedule.lr, samples, started), refresh=False)
+    if guard is not None:
+        guard.read(model)
     elapsed = time.perf_counter() - started
     metrics = task.summarize(_reduced(totals))
     metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
@@ -168,8 +186,10 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
 
 
 def _snapshot(totals: dict[str, torch.Tensor], cfg: StepConfig) -> dict[str, torch.Tensor] | None:
-    """Totals at the start of a group, to undo a half-done group (only kept when recovering)."""
-    return {k: v.clone() for k, v in totals.items()} if cfg.recovery is not None else None
+    """Totals at the start of a group, to undo a half-done group (out-of-memory recovery) or a
+    skipped step (--nan-policy skip); None when neither can happen."""
+    keep = cfg.recovery is not None or (cfg.guard is not None and cfg.guard.skip)
+    return {k: v.clone() for k, v in totals.items()} if keep else None
 
 
 def _run_guarded(model, task, group, totals, at_group_start, optimizer, precision, device,
@@ -187,6 +207,8 @@ def _run_guarded(model, task, group, totals, at_group_start, optimizer, precisio
             if cfg.recovery is None:
                 raise
             optimizer.zero_grad(set_to_none=True)
+            if cfg.guard is not None:
+                cfg.guard.restart_group()
             for key, value in (at_group_start or {}).items():
                 totals[key].copy_(value)
             cfg.splits = cfg.recovery.recover(exc, model, cfg.splits)
@@ -201,13 +223,23 @@ def _grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManage
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                    clip_grad: float | None) -> None:
-    if clip_grad:
-        precision.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    precision.scaler.step(optimizer)
-    precision.scaler.update()
+                    cfg: StepConfig, step_in_epoch: int) -> torch.Tensor | None:
+    """Clip, step, update the scaler. Returns the guard's device flag of a skipped step (skip)."""
+    scaler, guard = precision.scaler, cfg.guard
+    if guard is not None:
+        guard.before_unscale(model, scaler)
+    norm = None
+    if cfg.clip_grad:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    skipped = None
+    if guard is None:
+        scaler.step(optimizer)
+    else:
+        skipped = guard.step(optimizer, scaler, model.parameters(), norm, step_in_epoch)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return skipped
 
 
 @torch.inference_mode()
@@ -270,7 +302,7 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
                       epoch_time=time.perf_counter() - started)
         state.epoch = epoch + 1
         state.history.append(record)
-        monitored, from_ema = _monitored(record, task.monitor)
+        monitored, from_ema = _monitored(record, task.monitor, log)
         improved = state.improved(monitored, min_delta)
         if improved:
             state.best_from_ema = from_ema
@@ -288,14 +320,31 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
     return state
 
 
-def _monitored(record: dict[str, float], monitor: str) -> tuple[float | None, bool]:
+def _monitored(record: dict[str, float], monitor: str,
+               log: Callable[[str], None]) -> tuple[float | None, bool]:
     """The value that picks the best model (validation, else training), and whether it is the
-    moving average's (--ema), when that is the better of the two."""
-    value = record.get(f"val_{monitor}", record.get(f"train_{monitor}"))
-    ema = record.get(f"val_ema_{monitor}")
-    if ema is not None and (value is None or math.isnan(value) or ema > value):
+    moving average's (--ema), when that is the better of the two. A candidate whose metric or loss is
+    not finite is none (non-finite weights give a NaN loss and an accuracy that looks like a number)."""
+    split = "val_" if f"val_{monitor}" in record else "train_"
+    value = _finite_candidate(record, split, monitor, log)
+    ema = _finite_candidate(record, "val_ema_", monitor, log)
+    if ema is not None and (value is None or ema > value):
         return ema, True
     return value, False
+
+
+def _finite_candidate(record: dict[str, float], prefix: str, monitor: str,
+                      log: Callable[[str], None]) -> float | None:
+    value = record.get(f"{prefix}{monitor}")
+    if value is None:
+        return None
+    bad = [f"{prefix.rstrip('_').replace('_', ' ')} {key} is {record[prefix + key]}"
+           for key in dict.fromkeys((monitor, "loss"))
+           if prefix + key in record and not math.isfinite(record[prefix + key])]
+    if bad:
+        log(f"warning: epoch {int(record['epoch'])}: {', '.join(bad)}; this epoch cannot be the best model")
+        return None
+    return value
 
 
 def _should_stop(state: TrainState, monitor: str, stop_on: str | None, patience: int,

@@ -4,7 +4,9 @@ segmentation) differ only in what they hand over in a Job."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +17,11 @@ import torch
 from torch import nn
 
 from .cli import check_training_values
-from .distributed import convert_sync_batchnorm, destroy_process_group, wrap_ddp
+from .distributed import barrier, convert_sync_batchnorm, destroy_process_group, wrap_ddp
 from .engine import StepConfig, TrainState, fit
 from .errors import UserError, note_checkpoint
 from .memory import OOMRecovery, memory_state, restore_memory_state
+from .nanguard import NonFiniteGuard, NonFiniteReport, NonFiniteStop
 from .optim import Schedule, build_optimizer
 from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config, start_session
 
@@ -88,14 +91,13 @@ def scaled_lr(args: argparse.Namespace, s: Session) -> float:
 
 def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -> TrainState:
     optimizer = build_optimizer(job.plain.parameters(), args.optimizer, scaled_lr(args, s),
-                                args.weight_decay, args.momentum, args.amsgrad,
-                                fused=s.device.type == "cuda")
+                                args.weight_decay, args.momentum, args.amsgrad, fused=_fused(args, s))
     steps = math.ceil(len(job.train_loader) / args.accumulate_grad_batches)
     schedule = Schedule(optimizer, args.scheduler, epochs=args.epochs, steps_per_epoch=steps,
                         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                         step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
     state = _resume(args, ckpt, s, job.plain, optimizer, schedule)
-    open_output(s, resuming=ckpt is not None, run_files=(job.best_name,))
+    open_output(s, resuming=ckpt is not None, run_files=(job.best_name, NONFINITE_FILE))
     if ckpt is not None:
         _carry_best_model(args, s, job)
     save_run_config(s)
@@ -107,6 +109,9 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
         step_cfg.splits = restore_memory_state(ckpt["train_state"], job.plain, args.batch_size, s.log)
     step_cfg.batch_transform = job.batch_transform
     step_cfg.ema = _moving_average(args, ckpt, job.plain, s)
+    step_cfg.guard = NonFiniteGuard(s.device, getattr(args, "nan_policy", "stop"),
+                                    getattr(args, "nan_max_skips", 10), log=s.log,
+                                    on_report=lambda report: _write_report(report, job, s))
     writer = EpochWriter(s, job.plain, task=job.task.name, model_spec=job.spec, meta=job.meta,
                          optimizer=optimizer, schedule=schedule, epochs=args.epochs,
                          extra_state=lambda: _extra_state(job, args, step_cfg),
@@ -116,16 +121,76 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
     if ckpt is None and job.start_metrics is not None:
         _start_from(state, job, writer)
     try:
-        fit(job.model, job.task, job.train_loader, job.val_loader, optimizer, schedule, s.precision,
-            s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
-            min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log,
-            eval_model=job.plain, restore_best=getattr(args, "restore_best", False),
-            stop_on=job.stop_on)
-    finally:
-        writer.close()
+        try:
+            fit(job.model, job.task, job.train_loader, job.val_loader, optimizer, schedule, s.precision,
+                s.device, epochs=args.epochs, state=state, step_cfg=step_cfg, on_epoch_end=writer,
+                min_delta=args.min_delta, patience=args.early_stopping_patience, log=s.log,
+                eval_model=job.plain, restore_best=getattr(args, "restore_best", False),
+                stop_on=job.stop_on)
+        finally:
+            writer.close()  # the last good epoch's writes finish
+    except NonFiniteStop as exc:  # every rank stops at the same read; none leaves before rank 0's writes
+        barrier()
+        raise NonFiniteStop(exc.report, f"{exc.summary}; {_saved_before(args, s, job, state)}",
+                            exc.advice) from None
     if job.summary is not None and state.best_metric is not None:
         s.log(job.summary(state))
     return state
+
+
+NONFINITE_FILE = "nonfinite_batch.json"
+
+
+def _fused(args: argparse.Namespace, s: Session) -> bool:
+    """A fused optimizer on CUDA, and on a CPU for --nan-policy skip: its kernel skips a flagged step
+    on the device (an unfused one would need the flag on the host every step)."""
+    return s.device.type == "cuda" or (getattr(args, "nan_policy", "stop") == "skip"
+                                       and s.device.type == "cpu")
+
+
+def _write_report(report: NonFiniteReport, job: Job, s: Session) -> str:
+    """nonfinite_batch.json (rank 0): the first non-finite step and its samples, with file names where
+    the data set has them. Returns the clause the stop message and the skip warnings use."""
+    path = s.output / NONFINITE_FILE
+    data = report.to_dict()
+    samples = [{"rank": rank, "index": i} for rank, ids in (report.indices or {}).items() for i in ids]
+    files = _sample_files(job.train_loader)
+    for sample in samples:
+        sample.update(files(sample["index"]) if files else {})
+    data["samples"] = samples
+    if samples and files is None:
+        data["files"] = ("not known on this data path (the data cache keeps no file names); "
+                         "--data-cache off lists them")
+    if s.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    if report.indices is None:
+        return f"{path} describes it (its samples are not known: the loader's order cannot be replayed)"
+    return f"its {len(samples)} sample(s) are listed in {path}"
+
+
+def _sample_files(loader: Any) -> Callable[[int], dict[str, str]] | None:
+    """index -> file names, for the data sets that keep them (image folders, image/mask pairs)."""
+    dataset = getattr(loader, "dataset", None)
+    samples, pairs = getattr(dataset, "samples", None), getattr(dataset, "pairs", None)
+    if isinstance(samples, list):
+        return lambda i: {"file": str(samples[i][0])}
+    if isinstance(pairs, list):
+        return lambda i: {"file": str(pairs[i][0]), "mask": str(pairs[i][1])}
+    return None
+
+
+def _saved_before(args: argparse.Namespace, s: Session, job: Job, state: TrainState) -> str:
+    """What a stop leaves: the checkpoint of the last good epoch, untouched."""
+    last = s.output / "checkpoint.pth"
+    if state.epoch > 0 and last.is_file():
+        best = s.output / job.best_name
+        also = f" and {best}" if best.is_file() else ""
+        return f"{last} (epoch {state.epoch}){also} are intact"
+    if getattr(args, "resume", None):
+        return f"the checkpoint this run resumed from, {args.resume}, is intact"
+    return "nothing was saved (it happened in the first epoch)"
 
 
 def _carry_best_model(args: argparse.Namespace, s: Session, job: Job) -> None:
