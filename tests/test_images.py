@@ -305,12 +305,19 @@ def test_image_dataset_decodes_any_mode(tmp_path):
 
 
 def test_image_dataset_bad_file_is_a_user_error(files):
-    ds = im.ImageDataset([(files["good_png"], 0), (files["half_jpg"], 1)],
-                         im.eval_transform(im.preprocessing(16)))
+    """Without --skip-bad-images (skip_bad=False) the message names the file and the two flags that
+    help; a tool without those flags (skip_bad=None) names none."""
+    samples = [(files["good_png"], 0), (files["half_jpg"], 1)]
+    ds = im.ImageDataset(samples, im.eval_transform(im.preprocessing(16)), skip_bad=False)
     assert ds[0][0].shape == (3, 16, 16)
     with pytest.raises(UserError) as info:
         ds[1]
-    assert files["half_jpg"] in str(info.value) and "--check-images" in str(info.value)
+    message = str(info.value)
+    assert files["half_jpg"] in message and "--skip-bad-images" in message
+    assert "--check-images full" in message and "--check-images fast" not in message
+    with pytest.raises(UserError) as info:
+        im.ImageDataset(samples, im.eval_transform(im.preprocessing(16)))[1]
+    assert files["half_jpg"] in str(info.value) and "--" not in str(info.value)
 
 
 # ---------------------------------------------------------------- demo set

@@ -13,9 +13,11 @@ channels, as load_rgb does) after fit_square (shorter side to S, centre crop) an
 int64 (N,). Segmentation: `images` (N, C, H, W) resized by -s/--scale and `masks` uint8 (N, H, W)
 class indices, made by exactly the functions SegmentationDataset uses; `labels` is empty.
 
-Decoding. decode_rgb_uint8 uses torchvision's libjpeg/libpng decoders (fast, GIL released)
-for 8-bit JPEG and PNG, and PIL (images.to_rgb) for every other file and for whatever
-torchvision refuses, so the pixels equal load_rgb's. EXIF orientation is applied on both paths.
+Decoding. decode_rgb_uint8 uses torchvision's libjpeg decoder (fast, GIL released) for 8-bit
+JPEG that PIL keeps upright as stored, and PIL (images.load_rgb) for every other file, for any
+JPEG with an EXIF orientation to apply and for whatever torchvision refuses, so the pixels equal
+load_rgb's and the orientation is applied by one rule (PIL's exif_transpose) everywhere. PNG is
+always PIL's (see _torchvision_ok).
 Segmentation pairs are decoded with load_image / read_mask as SegmentationDataset does.
 
 The cache file. A cache is written to `<cache_dir or data_root/.toolkit_cache>/` as
@@ -51,7 +53,16 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_save
 from ..errors import UserError
-from .images import Sample, load_rgb
+from .images import (
+    DECODE_ERRORS,
+    Sample,
+    decode_error,
+    describe_error,
+    load_rgb,
+    open_image,
+    orientation,
+    upright_size,
+)
 from .segmentation import (
     Pair,
     _size_problem,
@@ -68,14 +79,12 @@ except ImportError:  # pragma: no cover
     decode_image = None
 
 CACHE_FORMAT = "toolkit-data-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation decided by PIL on both decoding paths
 CACHE_FOLDER = ".toolkit_cache"
 PLACEMENT_MODES = ("auto", "off", "ram", "device")
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # what torch.load raises on a damaged or foreign file
 _LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError,
                 TypeError, struct.error, pickle.UnpicklingError)
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -100,22 +109,6 @@ class ImageCache:
 # ------------------------------------------------------------------ decoding
 
 
-def _png_torchvision_ok(data: bytes) -> bool:
-    """8-bit PNG without a tRNS chunk (16-bit and palette/colour-key transparency go to PIL)."""
-    if len(data) < 33 or data[24] != 8:
-        return False
-    pos = 8
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        if kind == b"tRNS":
-            return False
-        if kind in (b"IDAT", b"IEND"):
-            return True
-        pos += 12 + length
-    return False
-
-
 def _jpeg_torchvision_ok(data: bytes) -> bool:
     """8-bit JPEG with 1 (grey) or 3 (YCbCr/RGB) components; CMYK/YCCK go to PIL."""
     pos = 2
@@ -134,11 +127,10 @@ def _jpeg_torchvision_ok(data: bytes) -> bool:
 
 
 def _torchvision_ok(data: bytes) -> bool:
-    if data.startswith(_PNG_MAGIC):
-        return _png_torchvision_ok(data)
-    if data.startswith(b"\xff\xd8\xff"):
-        return _jpeg_torchvision_ok(data)
-    return False
+    """JPEG only. PNG goes to PIL: torchvision's PNG decoder is hardly faster than PIL's (libpng and
+    zlib do the work in both), and torchvision 0.29 crashes the whole process (SIGSEGV) on a PNG whose
+    compressed data is corrupt, where PIL raises an error that names the file."""
+    return data.startswith(b"\xff\xd8\xff") and _jpeg_torchvision_ok(data)
 
 
 def _decode_pil(path: str) -> torch.Tensor:
@@ -147,17 +139,25 @@ def _decode_pil(path: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def _stays_upright(path: str) -> bool:
+    """True when PIL applies no EXIF orientation to the JPEG (its header is opened here, which also
+    applies PIL's size limit and the notice for a very large image)."""
+    with open_image(path) as img:
+        return orientation(img) == 1
+
+
 def decode_rgb_uint8(path: str) -> torch.Tensor:
-    """(3, H, W) uint8 RGB, EXIF orientation applied. torchvision for 8-bit JPEG and PNG; PIL for
-    everything else and whatever torchvision cannot decode, with load_rgb's pixels. A corrupt file
-    raises what PIL raises (OSError, incl. UnidentifiedImageError; ValueError; SyntaxError)."""
+    """(3, H, W) uint8 RGB, EXIF orientation applied as load_rgb does. torchvision for 8-bit JPEG that
+    PIL keeps as stored; PIL (load_rgb's pixels) for everything else, for any file with an orientation
+    to apply (one rule for it everywhere: PIL's exif_transpose, which also reads XMP) and for whatever
+    torchvision cannot decode. A corrupt file raises what PIL raises (one of images.DECODE_ERRORS)."""
     path = str(path)
     with open(path, "rb") as fh:
         data = bytearray(fh.read())
-    if decode_image is not None and _torchvision_ok(data):
+    if decode_image is not None and _torchvision_ok(data) and _stays_upright(path):
         try:
             image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                 apply_exif_orientation=True)
+                                 apply_exif_orientation=False)
             if image.dtype == torch.uint8 and image.shape[0] == 3:
                 return image
         except RuntimeError:
@@ -265,18 +265,13 @@ def _human(n: float) -> str:
 # ------------------------------------------------------------------ classification
 
 
-def _decode_error(path: str, reason: str) -> UserError:
-    return UserError(f"image {path} cannot be decoded ({reason}); remove it, or check all images first "
-                     "with --check-images fast and --skip-bad-images")
-
-
 def _decode_into(images: torch.Tensor, paths: Sequence[str], size: int) -> Callable[[int], str | None]:
     """A task for slot i: decode, fit_square and copy into images[i]; None, or why it failed."""
     def task(i: int) -> str | None:
         try:
             images[i].copy_(fit_square(decode_rgb_uint8(paths[i]), size))
         except DECODE_ERRORS as exc:
-            return " ".join(str(exc).split()) or type(exc).__name__
+            return describe_error(exc)
         return None
     return task
 
@@ -292,7 +287,7 @@ def _decode_all(samples: Sequence[Sample], size: int, skip_bad: bool, show_progr
         if reason is not None:
             if not skip_bad:
                 results.close()  # drops the queued decodes before raising
-                raise _decode_error(paths[i], reason)
+                raise decode_error(paths[i], reason)
             bad.append((paths[i], reason))
             keep[i] = False
     if bad:  # rare: one compacted copy
@@ -323,7 +318,7 @@ def build_image_cache(samples: Sequence[Sample], size: int, *, cache_dir: Path |
     if payload is not None:
         cache = _from_payload(payload, file)
         if cache.bad and not skip_bad:
-            raise _decode_error(*cache.bad[0])
+            raise decode_error(*cache.bad[0])
         log(f"data cache: {len(cache)} images read from {file}")
         return cache
     cache = _decode_all(samples, size, skip_bad, show_progress)
@@ -358,12 +353,14 @@ def build_array_cache(array: Any, labels: Any, size: int | None = None) -> Image
 
 
 def _header_size(path: str) -> tuple[int, int]:
+    """The upright (EXIF orientation applied) size, from the header."""
     try:
-        with Image.open(path) as img:
-            return img.size
+        with open_image(path) as img:
+            return upright_size(img)
     except DECODE_ERRORS as exc:
-        raise UserError(f"image {path} cannot be decoded ({' '.join(str(exc).split())}); remove it "
-                        "and its mask, or check all pairs first") from None
+        raise UserError(f"image {path} cannot be decoded ({describe_error(exc)}); remove it and its mask, "
+                        "or replace it (--check-images full finds every such pair before the first epoch)"
+                        ) from None
 
 
 def pair_cache_size(pairs: Sequence[Pair], scale: float) -> tuple[int, int]:

@@ -2,8 +2,15 @@
 decoding (grayscale, RGBA, palette, 16-bit and CMYK become RGB), and the transforms."""
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
+import struct
+import sys
+import threading
+import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +24,8 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..reporting import LOGGER_NAME
+from .png_check import png_data_problem
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm"}
@@ -147,39 +156,138 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# What decoding a user's file can raise when the file, not the code, is at fault.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                 Image.DecompressionBombError)
+_ANNOUNCED: set[tuple[str, str]] = set()
+_ANNOUNCED_LOCK = threading.Lock()
+
+
+def notice(message: str) -> None:
+    """A notice line in the run's log (console and training.log), or on stderr where no log is set
+    up (a spawned DataLoader worker, a library caller)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.handlers:
+        logger.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def once_per_file(path: str | os.PathLike, kind: str, message: str) -> None:
+    """notice(message) the first time this process says this kind of thing about `path` (a run is a
+    process; DataLoader workers learn of bad files through ImageDataset's shared flags)."""
+    key = (kind, str(path))
+    with _ANNOUNCED_LOCK:
+        if key in _ANNOUNCED:
+            return
+        _ANNOUNCED.add(key)
+    notice(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why a file did not decode, on one line (a decompression bomb in words of our own)."""
+    if isinstance(exc, Image.DecompressionBombError):
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels, " if found else ""
+        return (f"too large to decode safely ({size}more than twice PIL's limit of "
+                f"{Image.MAX_IMAGE_PIXELS:,}); resize it")
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def check_pixels(path: str | os.PathLike, width: int, height: int) -> None:
+    """PIL's guard, said our way: above twice Image.MAX_IMAGE_PIXELS, DecompressionBombError (a bad
+    image); above it, one notice per file (instead of PIL's warning at every open)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = max(1, width) * max(1, height)
+    if not limit or pixels <= limit:
+        return
+    if pixels > 2 * limit:
+        raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of "
+                                           f"{2 * limit} pixels")
+    once_per_file(path, "large", f"notice: {path} is very large ({width} x {height} pixels); it is "
+                                 f"decoded in full, which takes about {pixels * 3 / 1e6:.0f} MB of memory "
+                                 "for each copy in flight; resize it if memory runs short")
+
+
+def _quiet_pil_size_warning() -> None:
+    """PIL warns at every open of an image above Image.MAX_IMAGE_PIXELS; check_pixels says it once
+    instead. Put first in the filters on each open (cheap when already there): a filter set once at
+    import is lost to anything that restores the filters later (warnings.catch_warnings)."""
+    first = warnings.filters[0] if warnings.filters else None
+    if not (first and first[0] == "ignore" and first[2] is Image.DecompressionBombWarning):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Image.open (the header only), with check_pixels' notice for a very large image."""
+    _quiet_pil_size_warning()
+    img = Image.open(path)
+    check_pixels(path, img.width, img.height)
+    return img
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation exif_transpose applies (1: upright as stored), from what PIL read with
+    the header: for a PNG, an eXIf chunk after the image data is only seen once decoded."""
+    exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()  # PNG's own loads it all
+    value = exif.get(ORIENTATION, 1)
+    return value if isinstance(value, int) else 1
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied, from the header (see orientation)."""
+    return (img.height, img.width) if orientation(img) in (5, 6, 7, 8) else img.size
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decoded, turned upright by its EXIF orientation (photos from phones), as 8-bit RGB."""
-    with Image.open(path) as img:
+    """Decoded, turned upright by its EXIF orientation (photos from phones), as 8-bit RGB. The one
+    decoding every path shares: training, validation, prediction, the data cache's PIL side."""
+    with open_image(path) as img:
         img.load()
-        return to_rgb(ImageOps.exif_transpose(img))
+        ImageOps.exif_transpose(img, in_place=True)
+        return to_rgb(img)
+
+
+def _fast_problem(img: Image.Image, path: str) -> str | None:
+    """fast: what can be proven readable without decoding every pixel at full size. PNG: the
+    checksum walk, then the compressed data inflated (png_check); JPEG: a decode at 1/8 scale (all
+    the compressed data is read); other formats: a full decode. The EXIF data is parsed too."""
+    orientation(img)
+    if img.format == "PNG":
+        img.verify()
+        return png_data_problem(path)
+    if img.format == "JPEG":
+        img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+    img.load()
+    return None
 
 
 def check_image(path: str, mode: str) -> str | None:
-    """None when the file decodes; otherwise why not. fast: full decode at reduced scale for
-    JPEG, CRC walk for PNG; full: decode every pixel."""
+    """None when the file decodes; otherwise why not. full: exactly what training does (load_rgb);
+    fast: see _fast_problem."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as img:
-            if mode == "fast" and img.format == "PNG":
-                img.verify()
-                return None
-            if mode == "fast" and img.format == "JPEG":
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-            if mode == "full":
-                to_rgb(img)
-        return None
+        if mode == "full":
+            load_rgb(path)
+            return None
+        with open_image(path) as img:
+            why = _fast_problem(img, path)
+        return None if why is None else f"cannot be decoded ({why})"
     except UnidentifiedImageError:
         return "not an image file"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        return f"cannot be decoded ({text})"
+    except DECODE_ERRORS as exc:
+        return f"cannot be decoded ({describe_error(exc)})"
 
 
 def check_images(paths: Sequence[str], mode: str, show_progress: bool = True
                  ) -> list[tuple[str, str]]:
-    """Check all files in parallel threads (PIL releases the GIL while decoding)."""
+    """Check all files in parallel threads (PIL and zlib release the GIL while decoding)."""
     if mode == "off" or not paths:
         return []
     workers = min(16, 2 * (os.cpu_count() or 1))
@@ -190,25 +298,57 @@ def check_images(paths: Sequence[str], mode: str, show_progress: bool = True
     return [(p, why) for p, why in zip(paths, results, strict=True) if why is not None]
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """(path, label) samples decoded to RGB and transformed; picklable for spawn workers."""
+BAD_IMAGE_ADVICE = ("remove or replace it, or pass --skip-bad-images to go on without it "
+                    "(--check-images full finds every such file before the first epoch)")
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any]):
+
+def decode_error(path: str, reason: str, advice: str = BAD_IMAGE_ADVICE) -> UserError:
+    return UserError(f"image {path} cannot be decoded ({reason}); {advice}")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) samples decoded to RGB and transformed; picklable for spawn workers.
+
+    An image that does not decode: with skip_bad=True it is skipped and the next readable sample
+    of the list takes its place (every batch keeps its size; the epoch counts the stand-in), said
+    once per file in the log; the file is then known bad to every DataLoader worker (a flag in
+    shared memory) and not read again. With skip_bad=False it is a UserError naming the file and
+    --skip-bad-images; with None (a tool without that flag) the error only says to remove it."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any],
+                 skip_bad: bool | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.skip_bad = skip_bad
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool)
+        if skip_bad:
+            self.bad.share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        try:
-            image = load_rgb(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise UserError(f"image {path} cannot be decoded ({' '.join(str(exc).split())}); remove "
-                            "it, or check all images first with --check-images fast and "
-                            "--skip-bad-images") from None
-        return self.transform(image), label
+        n = len(self.samples)
+        for i in ((index % n + step) % n for step in range(n)):
+            if self.bad[i]:
+                continue
+            path, label = self.samples[i]
+            try:
+                image = load_rgb(path)
+            except DECODE_ERRORS as exc:
+                self._bad_image(i, path, describe_error(exc))
+                continue
+            return self.transform(image), label
+        raise UserError("no readable images left after --skip-bad-images; every image of the set "
+                        "failed to decode")
+
+    def _bad_image(self, i: int, path: str, reason: str) -> None:
+        if not self.skip_bad:
+            advice = BAD_IMAGE_ADVICE if self.skip_bad is not None else "remove or replace it"
+            raise decode_error(path, reason, advice)
+        self.bad[i] = True
+        once_per_file(path, "bad", f"notice: image {path} cannot be decoded ({reason}); skipped "
+                                   "(--skip-bad-images): the next readable image takes its place")
 
 
 class ToRGB:

@@ -27,12 +27,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .builtin import generated_set_present
-from .images import IMAGE_EXTENSIONS, check_image, is_image_file, load_rgb
+from .images import (
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    check_image,
+    describe_error,
+    is_image_file,
+    load_rgb,
+    open_image,
+    upright_size,
+)
 
 Pair = tuple[str, str]
 MaskValue = Any  # int, or [r, g, b]
@@ -137,12 +146,14 @@ def _mask_array(img: Image.Image) -> np.ndarray | str:
 
 
 def _decode_mask(path: str) -> np.ndarray | str:
+    """The mask's values, upright by its EXIF orientation as images are (load_rgb)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             return _mask_array(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return check_image(path, "full") or f"cannot be decoded ({' '.join(str(exc).split())})"
+    except DECODE_ERRORS as exc:
+        return check_image(path, "full") or f"cannot be decoded ({describe_error(exc)})"
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -206,10 +217,10 @@ def _inspect_pair(pair: Pair, mode: str) -> tuple[str | None, tuple[bool, np.nda
     why = check_image(image_path, mode) if mode != "off" else None
     if why is None:
         try:
-            with Image.open(image_path) as img:
-                image_size = img.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            why = f"cannot be decoded ({' '.join(str(exc).split())})"
+            with open_image(image_path) as img:
+                image_size = upright_size(img)  # what load_image gives
+        except DECODE_ERRORS as exc:
+            why = f"cannot be decoded ({describe_error(exc)})"
     if why is not None:
         return f"image {image_path}: {why}", None
     mask = _decode_mask(mask_path)
@@ -306,14 +317,21 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 def load_image(path: str, scale: float, in_chans: int = 3) -> Image.Image:
-    """Decode (any mode -> RGB, or L for in_chans=1) and resize by scale with bicubic."""
+    """Decode (any mode -> RGB, or L for in_chans=1; EXIF orientation applied) and resize by scale
+    with bicubic. A file that does not decode is a UserError naming it."""
     try:
         image = load_rgb(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"image {path} cannot be decoded ({' '.join(str(exc).split())}); remove it "
-                        "and its mask, or check all pairs first") from None
+    except DECODE_ERRORS as exc:
+        raise UserError(f"image {path} cannot be decoded ({describe_error(exc)}); remove it and its mask, "
+                        "or replace it (--check-images full finds every such pair before the first epoch)"
+                        ) from None
     if in_chans == 1:
         image = image.convert("L")
+    return rescale(image, scale)
+
+
+def rescale(image: Image.Image, scale: float) -> Image.Image:
+    """Resized by -s/--scale (scaled_size) with bicubic, as load_image does."""
     size = scaled_size(image.size, scale)
     return image if size == image.size else image.resize(size, Image.BICUBIC)
 
