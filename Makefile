@@ -1,12 +1,17 @@
 # make install   create .venv and install requirements.txt + requirements-dev.txt
 # make demo      train on the built-in demo set (installs first when .venv is missing)
 # make test      ruff check, then the whole test suite (installs first when .venv is missing)
+# make chaos     the fault-injection suite in full: kill -9 at 20 instants, full disks, two runs
+#                (CHAOS_KILLS=20 and CHAOS_SEED=11 by default; make test runs it with 4 kills)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+CHAOS_KILLS ?= 20
+CHAOS_SEED ?= 11
+
+.PHONY: install demo test chaos lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +30,9 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+chaos: $(STAMP)
+	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_SEED=$(CHAOS_SEED) $(PY) -m pytest -m chaos tests/chaos
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

@@ -10,7 +10,8 @@ Classes and preprocessing come from the checkpoint, exactly as validate.py prepa
 a behaviour model: its channel columns, window length and normalisation; a long recording is
 cut into windows and gets each window's classes and their mean).
 --input takes files, folders (searched recursively) and glob patterns. Files that cannot be
-read are reported (in the console and in --output) and skipped.
+read are reported (in the console and in --output) and skipped, for masks as for classes; when
+none can be read, the run ends with one error line and exit code 2.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.cli import add_device_args, new_parser, resolve
+from common.cli import add_device_args, add_loading_args, new_parser, resolve
 from common.errors import UserError, run_cli
 from common.series_args import add_series_args
 
@@ -46,8 +47,7 @@ def build_parser():
     g.add_argument("-n", "--no-save", action="store_true", help="do not write the masks")
     g.add_argument("-c", "--classes", type=int, default=None, help="accepted, read from the checkpoint")
     g.add_argument("--bilinear", action="store_true", help="accepted, read from the checkpoint")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
+    add_loading_args(parser, plain_state_dict=True, img_size=None)
     add_device_args(parser)
     add_series_args(parser)
     return parser
@@ -61,9 +61,10 @@ class ImageFiles:
     def __init__(self, paths: Sequence[Path], pre: dict[str, Any]):
         import torch
 
-        from common.data.images import eval_transform, load_rgb
+        from common.data.images import DECODE_ERRORS, describe_error, eval_transform, load_rgb
 
         self.paths, self.transform, self.load = list(paths), eval_transform(pre), load_rgb
+        self.errors, self.describe = DECODE_ERRORS, describe_error
         self.blank = torch.zeros(pre.get("channels", 3), pre["img_size"], pre["img_size"])
 
     def __len__(self) -> int:
@@ -72,8 +73,8 @@ class ImageFiles:
     def __getitem__(self, index: int):
         try:
             return self.transform(self.load(self.paths[index])), index, ""
-        except (OSError, SyntaxError, ValueError) as exc:
-            return self.blank, index, " ".join(str(exc).split()) or type(exc).__name__
+        except self.errors as exc:
+            return self.blank, index, self.describe(exc)
 
 
 def predict(loaded: LoadedModel, paths: Sequence[Path], s, batch_size: int, topk: int
@@ -107,17 +108,22 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], s, batch_size: int, topk
 
 def write_results(results: list[dict[str, Any]], path: Path) -> None:
     """CSV (one row per file: path, label/prob pairs, error) or JSON, by the file name."""
+    from common.outdir import write_atomically
+
     topk = max((len(r["predictions"]) for r in results), default=0)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_atomically(path, lambda fh: fh.write(json.dumps(results, indent=2) + "\n"))
         return
     header = ["path"] + [f"{kind}{k}" for k in range(1, topk + 1) for kind in ("label", "prob")] + ["error"]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+
+    def rows(fh) -> None:
         writer = csv.writer(fh)
         writer.writerow(header)
         for r in results:
             cells = [x for p in r["predictions"] for x in (p["label"], f"{p['probability']:.6f}")]
             writer.writerow([r["path"], *cells, *[""] * (2 * topk - len(cells)), r["error"]])
+
+    write_atomically(path, rows)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -125,12 +131,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise UserError("--topk and --batch-size must be 1 or more")
     from common import segment_predict
-    from common.inference import gather_inputs, load_for_inference
+    from common.inference import gather_inputs, load_from_args
     from common.session import start_session
 
     s = start_session(args, None)
-    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
-                                trust=args.trust_checkpoint)
+    loaded = load_from_args(args.model, args, s.device, log=s.log)
     if loaded.task == "timeseries":
         from common import series_tools
 
@@ -143,8 +148,8 @@ def _main(argv: Sequence[str] | None) -> int:
     for r in results:
         shown = ", ".join(f"{p['label']} ({p['probability']:.4f})" for p in r["predictions"])
         print(f"{r['path']}: {shown}" if not r["error"] else f"{r['path']}: unreadable ({r['error']})")
-    bad = sum(1 for r in results if r["error"])
-    print(f"{len(results) - bad} image(s) predicted" + (f", {bad} unreadable and skipped" if bad else ""))
+    # none readable: one error line, exit 2, no --output written
+    segment_predict.report_skipped(len(results), [(r["path"], r["error"]) for r in results if r["error"]])
     if output:
         write_results(results, output)
         print(f"predictions: {output}")

@@ -4,10 +4,13 @@
     python validate.py --model ./output/best_model.pth --data-dir ./dataset/val \
         --results-file results.json --output-dir ./report
     python validate.py --model checkpoints/best_model.pth --data-dir data/   # Dice and IoU
+    python validate.py --model weights.pth --arch resnet18 --num-classes 10 --data-dir ./dataset/test
 
 Model, classes and preprocessing come from the checkpoint. Prints loss, top-1 (top-5 with more
-than 5 classes) and per-class precision/recall/F1; writes confusion_matrix.png (beside the
-checkpoint unless --output-dir is given) and, with --results-file, the same numbers as JSON.
+than 5 classes) and per-class precision/recall/F1; writes confusion_matrix.png (in validation/
+beside the checkpoint unless --output-dir is given) and, with --results-file, the same numbers as JSON.
+A plain state_dict made elsewhere needs --arch and --num-classes (and --img-size, default 224);
+such a file has no class names, so the class folders in sorted order are labels 0..N-1.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import add_device_args, new_parser, resolve
+from common.cli import add_device_args, add_loading_args, new_parser, resolve
 from common.errors import UserError, run_cli
 from common.series_args import add_series_args
 
@@ -27,22 +30,21 @@ def build_parser():
     parser.add_argument("--data-dir", required=True, help="folder of class folders to evaluate on")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     parser.add_argument("--results-file", metavar="FILE.json", help="also write the results as JSON")
-    parser.add_argument("--output-dir", help="where confusion_matrix.png goes (default: beside the model)")
+    parser.add_argument("--output-dir",
+                        help="where confusion_matrix.png goes (default: validation/ beside the model)")
     parser.add_argument("--check-images", choices=["fast", "full", "off"], default="fast",
                         help="check every image first (default: fast)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="evaluate without unreadable images instead of stopping")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a checkpoint that needs full pickle (runs code: trusted files only)")
+    add_loading_args(parser, plain_state_dict=True, img_size=None)
     add_device_args(parser)
     add_series_args(parser)
     return parser
 
 
-def load_samples(data_dir: Path, classes: Sequence[str], args) -> list[tuple[str, int]]:
-    from common.data.images import check_images, samples_for_classes
+def readable_samples(samples: list[tuple[str, int]], args) -> list[tuple[str, int]]:
+    from common.data.images import check_images
 
-    samples = samples_for_classes(data_dir, classes)
     bad = check_images([p for p, _ in samples], args.check_images)
     if bad and not args.skip_bad_images:
         raise UserError(f"{len(bad)} unreadable image(s), e.g. {bad[0][0]}: {bad[0][1]}; remove them "
@@ -62,6 +64,25 @@ def report(metrics: dict, scores: dict, classes: Sequence[str], count: int, unit
         lines.append(f"{name:<{width}}  {scores['precision'][i]:9.4f}  {scores['recall'][i]:6.4f}  "
                      f"{scores['f1'][i]:6.4f}  {scores['support'][i]:7d}")
     return "\n".join(lines)
+
+
+def report_folder(args) -> Path:
+    """Where the plots go: --output-dir, else a validation/ folder of our own beside the model (so
+    no file the user keeps beside the checkpoint is replaced); created and checked before the work."""
+    from common.outdir import prepare_output_file
+
+    folder = Path(args.output_dir) if args.output_dir else Path(args.model).parent / "validation"
+    if folder.is_file():
+        raise UserError(f"--output-dir {folder} is a file; pass a folder for the plots")
+    prepare_output_file(folder / "confusion_matrix.png", "--output-dir")
+    return folder
+
+
+def write_results_file(path: str, result: dict) -> None:
+    from common.outdir import write_atomically
+
+    text = json.dumps(result, indent=2) + "\n"
+    write_atomically(path, lambda fh: fh.write(text), name=f"--results-file {path}")
 
 
 def validate_segmentation(loaded, args, s) -> int:
@@ -88,7 +109,7 @@ def validate_segmentation(loaded, args, s) -> int:
     if args.results_file:
         result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "pairs": len(pairs),
                   "metrics": metrics, "mask_values": mask_values}
-        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_results_file(args.results_file, result)
         print(f"results: {args.results_file}")
     return 0
 
@@ -100,7 +121,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from common.data.images import ImageDataset, eval_transform
     from common.data.loaders import make_loader
     from common.engine import evaluate
-    from common.inference import load_for_inference
+    from common.inference import folder_samples, load_from_args, output_width
     from common.metrics import per_class_scores
     from common.reporting import plot_confusion_matrix
     from common.session import start_session
@@ -110,17 +131,19 @@ def _main(argv: Sequence[str] | None) -> int:
         from common.outdir import prepare_output_file
 
         prepare_output_file(args.results_file, "--results-file")
+    args.report_dir = report_folder(args)
     s = start_session(args, None)
-    loaded = load_for_inference(args.model, s.device, tasks=("classification", "segmentation", "timeseries"),
-                                trust=args.trust_checkpoint)
+    loaded = load_from_args(args.model, args, s.device, log=s.log)
     if loaded.task == "segmentation":
         return validate_segmentation(loaded, args, s)
     if loaded.task == "timeseries":
         from common.series_tools import validate_recordings
 
         return validate_recordings(loaded, args, s, report)
-    classes = loaded.classes or []
-    samples = load_samples(Path(args.data_dir), classes, args)
+    classes, samples, notes = folder_samples(loaded, Path(args.data_dir), output_width(loaded, s.device))
+    for note in notes:
+        s.log(f"notice: {note}")
+    samples = readable_samples(samples, args)
     loader = make_loader(ImageDataset(samples, eval_transform(loaded.preprocessing)), args.batch_size,
                          train=False, num_workers=s.num_workers, pin_memory=s.pin_memory)
     task = ClassificationTask(len(classes))
@@ -134,10 +157,8 @@ def _main(argv: Sequence[str] | None) -> int:
     matrix = totals["confusion"].tolist()
     scores = per_class_scores(totals["confusion"])
     print(report(metrics, scores, classes, len(samples)))
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png")
-    print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")
+    plot_confusion_matrix(matrix, classes, args.report_dir / "confusion_matrix.png")
+    print(f"confusion matrix: {args.report_dir / 'confusion_matrix.png'}")
     if args.results_file:
         labels = torch.cat(predicted).tolist() if predicted else []
         per_image = [{"path": p, "true": classes[t], "predicted": classes[q]}
@@ -145,7 +166,7 @@ def _main(argv: Sequence[str] | None) -> int:
         result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), "images": len(samples),
                   "metrics": metrics, "classes": classes, "per_class": scores,
                   "confusion_matrix": matrix, "predictions": per_image}
-        Path(args.results_file).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_results_file(args.results_file, result)
         print(f"results: {args.results_file}")
     return 0
 

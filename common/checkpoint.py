@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import os
 import pickle
 import random
@@ -81,10 +82,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint reads like any file
         with os.fdopen(fd, "wb") as fh:
+            sink = _Sink(fh)
             try:
-                torch.save(obj, fh)
+                torch.save(obj, sink)
             except RuntimeError as exc:  # torch's writer says "unexpected pos" on a full disk
-                raise _write_error(exc, target) from None
+                raise _write_error(exc, target, sink.error) from None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -94,11 +96,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(target.parent)
 
 
-def _write_error(exc: RuntimeError, target: Path) -> OSError:
-    """torch.save's C++ writer failing (a full disk, mostly) as the OSError it stands for."""
+class _Sink:
+    """The file torch.save writes into, keeping the OSError of a failed write (a full disk, a quota,
+    an I/O error): torch's C++ writer reports it only as "unexpected pos"."""
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _write_error(exc: RuntimeError, target: Path, cause: OSError | None = None) -> OSError:
+    """torch.save's C++ writer failing as the OSError it stands for: the file's own error where the
+    write raised one, else a guess from the free space (a full disk, mostly)."""
     import errno
     import shutil
 
+    if cause is not None and cause.errno:
+        return OSError(cause.errno, cause.strerror or os.strerror(cause.errno), str(target))
     free = shutil.disk_usage(target.parent).free
     code = errno.ENOSPC if free < (64 << 20) else errno.EIO
     message = os.strerror(code) if code == errno.ENOSPC else f"{os.strerror(code)} ({_short(exc)})"
@@ -126,14 +150,13 @@ def load_raw(path: str | os.PathLike, *, trust: bool = False) -> Any:
     file = Path(path)
     if not file.exists():
         raise UserError(f"checkpoint {file} does not exist; check the path "
-                        "(training writes checkpoint.pth and best_model.pth in --output)")
+                        "(training writes checkpoint.pth and best_model.pth in its output folder)")
     if file.is_dir():
         raise UserError(f"checkpoint {file} is a folder; pass the .pth file inside it")
     if file.stat().st_size == 0:
         raise UserError(f"checkpoint {file} is empty (0 bytes); it was not written completely. "
                         "Use another checkpoint, e.g. best_model.pth")
-    with open(file, "rb") as fh:
-        head = fh.read(4)
+    head = head_of(file)
     if not head.startswith(_TORCH_MAGIC):
         raise UserError(f"checkpoint {file} is not a PyTorch file (it starts with {head!r}); "
                         "use another copy, e.g. best_model.pth")
@@ -147,15 +170,40 @@ def load_raw(path: str | os.PathLike, *, trust: bool = False) -> Any:
         if "unsupported global" in str(exc).lower():  # the safe loader met code to import and run
             raise UserError(f"checkpoint {file} holds pickled Python objects that could run code "
                             "when loaded; if you trust its source, pass --trust-checkpoint") from None
-        raise UserError(f"checkpoint {file} is corrupt or not a PyTorch file ({_short(exc)}); "
-                        "use another copy") from None
+        raise unreadable(file, exc) from None
     except ImportError as exc:  # a trusted whole-model pickle whose classes are not importable
         raise UserError(f"checkpoint {file} needs Python code that is not importable here ({exc}); "
                         "run from the project that defined the model, or save its state_dict") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError,
             TypeError, struct.error) as exc:  # what unpickling garbage raises
-        raise UserError(f"checkpoint {file} is truncated or not a PyTorch checkpoint "
-                        f"({_short(exc)}); use another copy, e.g. best_model.pth") from None
+        raise unreadable(file, exc) from None
+
+
+def unreadable(file: Path, exc: BaseException) -> UserError:
+    """Why torch could not read `file`, in our words: cut short (with the length it should have,
+    where the archive tells), or corrupt. torch's own text names its zip reader's internals."""
+    from .archive import truncation
+
+    cut = truncation(file)
+    text = str(exc)
+    if cut is None and head_of(file).startswith(b"\x80") and (
+            isinstance(exc, EOFError) or "unexpected EOF" in text or "truncated" in text):
+        cut = (file.stat().st_size, None)  # the legacy (non-zip) format stops where the bytes end
+    if cut is not None:
+        present, expected = cut
+        size = f"{present} of {expected} bytes" if expected else \
+            f"{present} bytes, the end of the file is missing"
+        return UserError(f"checkpoint {file} is truncated ({size}): it was not written or copied "
+                         "completely; use another copy, e.g. best_model.pth")
+    reason = "its zip archive cannot be read" if "PytorchStreamReader" in text or "miniz" in text \
+        else _short(exc)
+    return UserError(f"checkpoint {file} is corrupt or not a PyTorch checkpoint ({reason}); use another "
+                     "copy, e.g. best_model.pth")
+
+
+def head_of(file: Path, size: int = 4) -> bytes:
+    with open(file, "rb") as fh:
+        return fh.read(size)
 
 
 def zip_crc_errors(path: Path) -> list[str]:
@@ -185,11 +233,12 @@ def _short(exc: BaseException) -> str:
     return text[:160] + ("..." if len(text) > 160 else "")
 
 
-def load_checkpoint(path: str | os.PathLike, *, task: str | None = None,
-                    need_train_state: bool = False, trust: bool = False) -> dict[str, Any]:
-    """Load and check one of this toolkit's checkpoints."""
+def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, need_train_state: bool = False,
+                    trust: bool = False, start_from: str | None = None) -> dict[str, Any]:
+    """Load and check one of this toolkit's checkpoints. start_from: the flag of the calling
+    script that starts from a file's weights instead (named when the file is not a checkpoint)."""
     ckpt = load_raw(path, trust=trust)
-    check_header(ckpt, path, task=task, need_train_state=need_train_state)
+    check_header(ckpt, path, task=task, need_train_state=need_train_state, start_from=start_from)
     return ckpt
 
 
@@ -197,24 +246,153 @@ REQUIRED_KEYS = ("task", "model", "state_dict")
 
 
 def check_header(ckpt: Any, path: str | os.PathLike, *, task: str | None = None,
-                 need_train_state: bool = False) -> None:
-    """Format, version, completeness and task of a loaded checkpoint dict."""
+                 need_train_state: bool = False, start_from: str | None = None) -> None:
+    """Format, version, completeness, entry types and task of a loaded checkpoint dict."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this toolkit (no '{FORMAT}' header); "
-                        "train with gpu_train.py, or load plain weights with --weights")
-    if ckpt.get("version", 0) > VERSION:
-        raise UserError(f"{path} has checkpoint version {ckpt['version']}, newer than this "
-                        f"toolkit's {VERSION}; update the toolkit")
+        hint = f"to start from its weights, pass it to {start_from}" if start_from else \
+            "use a checkpoint written by this toolkit's training scripts"
+        raise UserError(f"{path} is not a checkpoint of this toolkit (no '{FORMAT}' header); {hint}")
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
     if missing:
         raise UserError(f"{path} lacks the entries {', '.join(missing)}; it was not written by this "
                         "toolkit's training scripts, use another checkpoint")
+    check_entries(ckpt, path)
+    if ckpt.get("version", 0) > VERSION:
+        raise UserError(f"{path} has checkpoint version {ckpt['version']}, newer than this "
+                        f"toolkit's {VERSION}; update the toolkit")
     if task is not None and ckpt.get("task") != task:
         raise UserError(f"{path} is a {ckpt.get('task')} checkpoint, but this tool needs a "
                         f"{task} checkpoint")
-    if need_train_state and "train_state" not in ckpt:
+    if need_train_state and not isinstance(ckpt.get("train_state"), dict):
         raise UserError(f"{path} has no training state to resume from (best_model.pth and "
                         "*_finetuned.pt hold weights only); resume from checkpoint.pth")
+
+
+# ---------------------------------------------------------------- entries of a hand-edited file
+
+_MISSING = object()
+_TOOLKIT_COPY = ("the file was edited or written by other code; use an unedited copy (e.g. the run's "
+                 "best_model.pth)")
+# entry: (type, what it should be); checked where present
+_ENTRY_TYPES = {"classes": (list, "a list of class names"), "preprocessing": (dict, "a dict"),
+                "metrics": (dict, "a dict of numbers"), "config": (dict, "a dict"),
+                "mask_values": (list, "a list of mask values")}
+
+
+def _bad(path: str | os.PathLike, key: str, should: str, value: Any = _MISSING) -> UserError:
+    if value is _MISSING:
+        found = "it is missing"
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        found = f"it is {value!r}"[:80]
+    else:
+        found = f"it is a {type(value).__name__}"
+    return UserError(f"checkpoint {path}: entry '{key}' should be {should}, but {found}; {_TOOLKIT_COPY}")
+
+
+def _whole(value: Any, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _numbers(value: Any, count: int, positive: bool = False) -> bool:
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and (v > 0 or not positive) for v in value))
+
+
+def check_entries(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """The types of the entries of a loaded checkpoint: a hand-edited file that still loads is
+    one line naming the entry, not a TypeError or KeyError deep inside a tool."""
+    if not isinstance(ckpt["task"], str):
+        raise _bad(path, "task", "a task name such as 'classification'", ckpt["task"])
+    spec = ckpt["model"]
+    if not isinstance(spec, dict):
+        raise _bad(path, "model", "a dict of name, source and kwargs", spec)
+    for key in ("name", "source"):
+        if not isinstance(spec.get(key, _MISSING), str):
+            raise _bad(path, f"model.{key}", "a string", spec.get(key, _MISSING))
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise _bad(path, "model.kwargs", "a dict of constructor arguments", kwargs)
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict):
+        raise _bad(path, "state_dict", "a dict of tensors", state)
+    wrong = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if wrong is not None:
+        raise _bad(path, f"state_dict.{wrong}", "a tensor", state[wrong])
+    if not _whole(ckpt.get("version", 0), 0):
+        raise _bad(path, "version", "a whole number", ckpt["version"])
+    for key, (kind, should) in _ENTRY_TYPES.items():
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], kind):
+            raise _bad(path, key, should, ckpt[key])
+    names = ckpt.get("classes") or []
+    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in names):
+        raise _bad(path, "classes", "a list of class names (strings)", names)
+
+
+def check_inputs(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """What the tools read to feed the model, for the checkpoint's task: the preprocessing
+    (sizes, mean/std, channels, window), the classes and mask values, and that the number of
+    classes agrees with the model's. Run after check_header."""
+    task, pre = ckpt["task"], ckpt.get("preprocessing")
+    if task == "timeseries":
+        _check_series(ckpt, path)
+    elif task in ("classification", "segmentation"):
+        if pre is None and task == "classification":
+            raise _bad(path, "preprocessing", "a dict saying how to prepare inputs")
+        pre = pre or {}  # a U-Net's defaults: scale 0.5, 3 channels
+        channels = pre.get("channels", 3)
+        if not _whole(channels):
+            raise _bad(path, "preprocessing.channels", "a whole number of 1 or more", channels)
+        if task == "classification":
+            _check_images(pre, channels, path)
+        else:
+            _check_masks(ckpt, pre, path)
+    classes, count = ckpt.get("classes"), ckpt["model"].get("kwargs", {}).get("num_classes")
+    if task != "segmentation" and _whole(count) and classes is not None and len(classes) != count:
+        raise UserError(f"checkpoint {path}: entry 'classes' has {len(classes)} names but the model has "
+                        f"{count} outputs (model.kwargs.num_classes); {_TOOLKIT_COPY}")
+
+
+def _check_images(pre: dict[str, Any], channels: int, path: str | os.PathLike) -> None:
+    for key in ("img_size", "resize_size"):
+        if not _whole(pre.get(key)):
+            raise _bad(path, f"preprocessing.{key}", "a whole number of pixels", pre.get(key, _MISSING))
+    for key, positive in (("mean", False), ("std", True)):
+        if not _numbers(pre.get(key), channels, positive):
+            should = f"a list of {channels} {'positive ' if positive else ''}numbers (one per channel)"
+            raise _bad(path, f"preprocessing.{key}", should, pre.get(key, _MISSING))
+
+
+def _check_masks(ckpt: dict[str, Any], pre: dict[str, Any], path: str | os.PathLike) -> None:
+    scale = pre.get("scale", 0.5)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+        raise _bad(path, "preprocessing.scale", "a number in (0, 1]", scale)
+    values = ckpt.get("mask_values")
+    if not values or not all(_whole(v, 0) or (isinstance(v, list) and all(_whole(c, 0) for c in v))
+                             for v in values):
+        raise _bad(path, "mask_values", "a list of the masks' pixel values (from train_unet.py)",
+                   values if values is not None else _MISSING)
+
+
+def _check_series(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """A time-series checkpoint must say how to read recordings: channels, window, normalisation."""
+    pre = ckpt.get("preprocessing") or {}
+    missing = [k for k in ("window_size", "channels", "mean", "std") if k not in pre]
+    if missing or not ckpt.get("classes"):
+        raise UserError(f"{path} says it is a timeseries checkpoint but lacks how to read recordings "
+                        f"({', '.join(missing) or 'classes'} missing); use a best_model.pth written by "
+                        "run_behavior_classification.py")
+    channels = pre["channels"]
+    if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
+        raise _bad(path, "preprocessing.channels", "a list of channel column names", channels)
+    if not _whole(pre["window_size"]):
+        raise _bad(path, "preprocessing.window_size", "a whole number of steps", pre["window_size"])
+    for key, positive in (("mean", False), ("std", True)):
+        if not _numbers(pre[key], len(channels), positive):
+            raise _bad(path, f"preprocessing.{key}", f"a list of {len(channels)} numbers (one per channel)",
+                       pre[key])
+    if pre.get("options") is not None and not isinstance(pre["options"], dict):
+        raise _bad(path, "preprocessing.options", "a dict of reading options", pre["options"])
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],

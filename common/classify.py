@@ -60,7 +60,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
         first.resume = str(auto)  # torchrun restarted the job (--max-restarts): continue it
         argv = [*(argv or []), "--resume", str(auto)]
     if first.resume:
-        ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
+        ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True,
+                                        trust=first.trust_checkpoint, start_from="--weights")
         layers.append(inheritable(ckpt.get("config", {}), parser))
         layers.append({"output": str(Path(first.resume).parent)})
     args, given = resolve(parser, argv, layers, base=base)
@@ -106,8 +107,9 @@ def _folder_data(args, s: Session, prep: Preparation) -> tuple[list[str], Any, A
     splits = folder_splits(Path(args.data_dir), args.val_split, args.seed)
     train, val = _drop_bad_images(splits.train, splits.val, args, s)
     pre = prep.pre or preprocessing(args.img_size, IMAGENET_MEAN, IMAGENET_STD)
-    return (splits.classes, ImageDataset(train, _train_tf(args, prep, pre)),
-            ImageDataset(val, eval_transform(pre)), pre, splits.description)
+    skip = bool(args.skip_bad_images)  # a file that fails later, while training, is skipped too
+    return (splits.classes, ImageDataset(train, _train_tf(args, prep, pre), skip_bad=skip),
+            ImageDataset(val, eval_transform(pre), skip_bad=skip), pre, splits.description)
 
 
 def _drop_bad_images(train, val, args, s: Session):
@@ -133,8 +135,8 @@ def build_data(args: argparse.Namespace, s: Session, prep: Preparation | None = 
     img_size = prep.pre["img_size"] if prep.pre else args.img_size
     if img_size < 8:
         raise UserError(f"--img-size must be at least 8, got {img_size}")
-    if getattr(args, "demo", False):
     check_input_size("--img-size", img_size, img_size, 3, args.batch_size, s.device)
+    if getattr(args, "demo", False):
         if s.is_main:
             make_demo_dataset(Path(args.data_dir), images_per_class=args.demo_images)
         barrier()
@@ -168,7 +170,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int, s: Session,
     """(model to train, plain model, spec). The first may be compiled; both share weights."""
     model, spec = build_model(args.model, num_classes, pretrained=args.pretrained)
     if args.weights:
-        load_weights_file(model, args.weights, s.log)
+        load_weights_file(model, args.weights, s.log, trust=args.trust_checkpoint)
     trained, plain = place_model(model, args, s, channels_last, f"{args.model} ({spec['source']})")
     return trained, plain, spec
 
@@ -195,9 +197,9 @@ def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
                         f"{args.data_dir} ({', '.join(data.classes)}); resume on the same data")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_classifier(args, len(data.classes), s, channels_last)
-    test_loader = _test_loader(args, s, data)
     check_training_memory(plain, "--img-size", data.preprocessing["img_size"], 3, args.batch_size,
                           s.device, s.log)
+    test_loader = _test_loader(args, s, data)
     job = Job(task=ClassificationTask(len(data.classes), args.label_smoothing), model=model,
               plain=plain, spec=spec, meta={"classes": data.classes, "preprocessing": data.preprocessing},
               train_loader=data.train_loader, val_loader=data.val_loader, channels_last=channels_last,
@@ -224,7 +226,8 @@ def _test_loader(args: argparse.Namespace, s: Session, data: ClassificationData)
         s.log(f"notice: --test: no {test_dir} folder, so no test-set evaluation at the end")
         return None
     samples = samples_for_classes(test_dir, data.classes)
-    return make_loader(ImageDataset(samples, eval_transform(data.preprocessing)), args.batch_size,
+    dataset = ImageDataset(samples, eval_transform(data.preprocessing), skip_bad=bool(args.skip_bad_images))
+    return make_loader(dataset, args.batch_size,
                        train=False, num_workers=s.num_workers, pin_memory=s.pin_memory,
                        rank=s.ctx.rank, world_size=s.ctx.world_size)
 

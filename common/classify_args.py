@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_device_args, add_runtime_args, add_training_args
+from .cli import add_device_args, add_loading_args, add_runtime_args, add_training_args
 from .data.builtin import TORCHVISION_SETS
 from .recipes import add_recipe_arg
 
@@ -41,6 +41,7 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--pretrained", action="store_true",
                    help="start from the library's weights (needs network)")
     m.add_argument("--weights", metavar="PATH", help="start from weights in a local file")
+    add_loading_args(m, plain_state_dict=False)  # for --weights and --resume
     m.add_argument("--list-models", action="store_true", help="list the model names and exit")
     o = parser.add_argument_group("output")
     o.add_argument("--output", default="./output", help="output folder (default: ./output)")

@@ -65,6 +65,32 @@ def add_device_args(parser: argparse.ArgumentParser, amp_aliases: Sequence[str] 
                    help="cap this process's share of GPU memory (0-1], CUDA only")
 
 
+def add_loading_args(target: argparse.ArgumentParser | argparse._ArgumentGroup, *, plain_state_dict: bool,
+                     img_size: int | None | bool = False, num_classes_help: str | None = None) -> None:
+    """The flags of every script that reads a model file, so that what the loading messages
+    recommend exists wherever they can appear.
+
+    plain_state_dict: the script can rebuild a plain state_dict (--arch, --num-classes);
+    img_size: also --img-size for such files, with this default (None: no default; False: the
+    script has its own --img-size or none). num_classes_help: the script's own meaning of
+    --num-classes. target: a parser (the flags get a group of their own) or an existing group."""
+    g = target.add_argument_group("files made elsewhere (a toolkit checkpoint records all of this)") \
+        if isinstance(target, argparse.ArgumentParser) else target
+    if plain_state_dict:
+        g.add_argument("--arch", metavar="NAME",
+                       help="architecture of a plain state_dict or a whole pickled model (names: "
+                            "gpu_train.py --list-models)")
+        g.add_argument("--num-classes", type=int, default=None, metavar="N",
+                       help=num_classes_help or "number of classes of a plain state_dict")
+        if img_size is not False:
+            shown = f"default: {img_size}" if img_size is not None else "default: 224"
+            g.add_argument("--img-size", type=int, default=img_size,
+                           help=f"input size of a plain state_dict or a pickled model ({shown})")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a file that needs full pickle, e.g. a whole pickled model (unpickling "
+                        "runs code from the file: only for files you trust)")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Training-only speed and reproducibility switches."""
     g = parser.add_argument_group("speed and reproducibility")
@@ -116,6 +142,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
                    help="smallest change that counts as an improvement (default: 0)")
     g.add_argument("--log-interval", type=int, default=20,
                    help="steps between progress-bar updates (the only host syncs; default: 20)")
+    g.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
+                   help="a step whose loss or gradient is NaN or infinite: stop the run, keeping the last "
+                        "good checkpoint (default), or skip that step's update")
+    g.add_argument("--nan-max-skips", type=int, default=10,
+                   help="with --nan-policy skip: stop once more steps than this were skipped (default: 10)")
     g.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue the run saved in this checkpoint.pth (same output folder)")
 
@@ -142,11 +173,6 @@ _RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, Tru
            ("ema", 0.0, 1.0, False, False), ("nan_max_skips", 0, None, True, True))
 
 
-    g.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
-                   help="a step whose loss or gradient is NaN or infinite: stop the run, keeping the last "
-                        "good checkpoint (default), or skip that step's update")
-    g.add_argument("--nan-max-skips", type=int, default=10,
-                   help="with --nan-policy skip: stop once more steps than this were skipped (default: 10)")
 def check_training_values(args: argparse.Namespace) -> None:
     """Numbers a training run cannot use, refused before any work: NaN and infinity anywhere, and
     values outside the flag's range (a negative --clip-grad would reverse the gradients)."""

@@ -25,8 +25,9 @@ from .distributed import restart_count
 from .engine import TrainState, evaluate
 from .errors import UserError
 from .freeze import apply_freezing, freeze_batchnorm
-from .inference import load_for_inference
+from .inference import ALL_TASKS, load_for_inference
 from .models import build_model, head_name, model_from_spec, permute_head, replace_head
+from .preflight import check_training_memory
 from .session import Session, check_positive
 from .tasks import ClassificationTask
 from .trainer import Job, in_session, place_model, run_job
@@ -64,7 +65,9 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
         first.resume = str(auto)  # torchrun restarted the job: continue it
         argv = [*(argv or []), "--resume", str(auto)]
     if first.resume:
-        ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
+        ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True,
+                                        trust=first.trust_checkpoint, start_from="--model-path")
+        ckpt_lib.check_inputs(ckpt, first.resume)
         if "finetune" not in ckpt:
             raise UserError(f"{first.resume} is a checkpoint of gpu_train.py, not of a fine-tune; "
                             f"continue it with gpu_train.py --resume, or fine-tune it with --model-path")
@@ -91,10 +94,8 @@ def load_source(args: argparse.Namespace) -> Source:
     if not path.exists():
         raise UserError(f"model file {path} does not exist{_missing_file_hint(path)}; pass --model-path "
                         "with a saved model (best_model.pth, checkpoint.pth or a *_finetuned.pt)")
-    loaded = load_for_inference(path, torch.device("cpu"), tasks=("classification", "segmentation",
-                                                                   "timeseries"),
-                                trust=args.trust_checkpoint, arch=args.arch, num_classes=args.num_classes,
-                                img_size=args.img_size or 224)
+    loaded = load_for_inference(path, torch.device("cpu"), tasks=ALL_TASKS, trust=args.trust_checkpoint,
+                                arch=args.arch, num_classes=args.num_classes, img_size=args.img_size or 224)
     if loaded.task != TASK:
         raise UserError(f"{path} is a {loaded.task} checkpoint; finetune_gpu.py fine-tunes image "
                         "classifiers (continue a U-Net with train_unet.py --load)")
@@ -214,7 +215,8 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
         if list(ckpt["classes"]) != data.classes:
             raise UserError(f"classes in {args.resume} ({', '.join(ckpt['classes'])}) differ from "
                             f"{args.data_dir} ({', '.join(data.classes)}); resume on the same data")
-        model, spec, info = model_from_spec(ckpt["model"]), dict(ckpt["model"]), dict(ckpt["finetune"])
+        model = model_from_spec(ckpt["model"], where=f"checkpoint {args.resume}")
+        spec, info = dict(ckpt["model"]), dict(ckpt["finetune"])
         lineage = list(ckpt.get("lineage") or [])
     else:
         spec = fit_classes(source, data, args, s.log)
@@ -230,6 +232,7 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
               "--freeze-bn to keep them as they are")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     trained, plain = place_model(model, args, s, channels_last, f"{spec['name']} ({spec['source']})")
+    check_training_memory(plain, "--img-size", pre["img_size"], 3, args.batch_size, s.device, s.log)
     if args.freeze_bn:
         freeze_batchnorm(plain)  # again: --sync-bn put new batch-norm modules in
     task = ClassificationTask(len(data.classes), args.label_smoothing)

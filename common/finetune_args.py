@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .classify_args import add_cache_args, add_distributed_args
-from .cli import add_device_args, add_runtime_args, add_training_args
+from .cli import add_device_args, add_loading_args, add_runtime_args, add_training_args
 from .data.builtin import TORCHVISION_SETS
 
 
@@ -14,12 +14,9 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--model-path", metavar="FILE",
                    help="best_model.pth, checkpoint.pth or a *_finetuned.pt of this toolkit, or a plain "
                         "state_dict with --arch/--num-classes")
-    m.add_argument("--arch", metavar="NAME", help="architecture of a plain state_dict or a pickled model")
-    m.add_argument("--num-classes", type=int, default=None,
-                   help="a new classifier head with this many classes (data with other classes than "
-                        "the model's); for a plain state_dict: its number of classes")
-    m.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a whole pickled model (runs code from the file: only for files you trust)")
+    add_loading_args(m, plain_state_dict=True,
+                     num_classes_help="a new classifier head with this many classes (data with other classes "
+                                      "than the model's); for a plain state_dict: its number of classes")
     f = parser.add_argument_group("freezing")
     f.add_argument("--freeze-conv", action="store_true",
                    help="freeze every convolution: only the layers after the last one train")

@@ -3,7 +3,8 @@ predict.py, export_onnx.py and test_model.py share.
 
 Everything comes from the checkpoint: the model (rebuilt from its spec), the task, the
 classes and the preprocessing. Files made elsewhere are accepted too: a plain state_dict
-with --arch/--num-classes, and a whole pickled model only with --trust-checkpoint.
+with --arch/--num-classes, and a whole pickled model only with --trust-checkpoint (the flags
+of cli.add_loading_args, which every such tool takes).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, check_header, load_raw, load_state_dict_checked
+from .checkpoint import FORMAT, check_header, check_inputs, load_raw, load_state_dict_checked
 from .data.images import IMAGENET_MEAN, IMAGENET_STD, is_image_file, preprocessing
 from .errors import UserError
 from .models import build_model, model_from_spec
 
 SUPPORTED_TASKS = ("classification",)
+ALL_TASKS = ("classification", "segmentation", "timeseries")
 
 
 @dataclass
@@ -60,22 +62,11 @@ def _from_checkpoint(ckpt: dict[str, Any], file: Path, device: torch.device,
     if task not in tasks:
         raise UserError(f"{file} is a {task} checkpoint, but this tool handles "
                         f"{' or '.join(tasks)} checkpoints")
-    if task == "timeseries":
-        _check_series_keys(ckpt, file)
-    model = model_from_spec(ckpt["model"])
+    check_inputs(ckpt, file)
+    model = model_from_spec(ckpt["model"], where=f"checkpoint {file}")
     load_state_dict_checked(model, ckpt["state_dict"], str(file))
     return LoadedModel(model.to(device).eval(), task, file, list(ckpt.get("classes") or []) or None,
                        dict(ckpt.get("preprocessing") or {}), dict(ckpt["model"]), ckpt)
-
-
-def _check_series_keys(ckpt: dict[str, Any], file: Path) -> None:
-    """A time-series checkpoint must say how to read recordings: channels, window, normalisation."""
-    pre = ckpt.get("preprocessing") or {}
-    missing = [k for k in ("window_size", "channels", "mean", "std") if k not in pre]
-    if missing or not isinstance(pre.get("channels"), list) or not ckpt.get("classes"):
-        raise UserError(f"{file} says it is a timeseries checkpoint but lacks how to read recordings "
-                        f"({', '.join(missing) or 'channels or classes'} missing); use a best_model.pth "
-                        "written by run_behavior_classification.py")
 
 
 def _from_module(model: nn.Module, file: Path, device: torch.device, num_classes: int | None,
@@ -99,7 +90,7 @@ def _from_state_dict(raw: Any, file: Path, device: torch.device, arch: str | Non
                         "pass a .pth saved by the training scripts")
     if not arch or not num_classes:
         raise UserError(f"{file} is a plain state_dict without the architecture; pass --arch NAME and "
-                        "--num-classes N (see --list-models in gpu_train.py)")
+                        "--num-classes N (names: gpu_train.py --list-models)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     model, spec = build_model(arch, num_classes)
     load_state_dict_checked(model, state, str(file))
@@ -107,6 +98,89 @@ def _from_state_dict(raw: Any, file: Path, device: torch.device, arch: str | Non
     return LoadedModel(model.to(device).eval(), "classification", file,
                        [str(i) for i in range(num_classes)],
                        preprocessing(img_size, IMAGENET_MEAN, IMAGENET_STD), spec, None, [note])
+
+
+def load_from_args(path: str | Path, args: Any, device: torch.device, *, tasks: Sequence[str] = ALL_TASKS,
+                   log: Callable[[str], None] = print, plain_img_size: bool = True) -> LoadedModel:
+    """A tool's model file, read with the flags of cli.add_loading_args (--trust-checkpoint,
+    --arch, --num-classes, --img-size). Notes go to `log`, and so does a warning when the weights
+    hold NaN or Inf. plain_img_size: --img-size is only for files made elsewhere (a checkpoint
+    records its size), so with a checkpoint it is noted as ignored."""
+    flag = vars(args).get
+    loaded = load_for_inference(path, device, tasks=tasks, trust=bool(flag("trust_checkpoint")),
+                                arch=flag("arch"), num_classes=flag("num_classes"),
+                                img_size=flag("img_size") or 224)
+    for note in loaded.notes:
+        log(f"notice: {note}")
+    keys = ("arch", "num_classes", "img_size") if plain_img_size else ("arch", "num_classes")
+    ignored = [f"--{key.replace('_', '-')}" for key in keys if flag(key) is not None]
+    if loaded.checkpoint is not None and ignored:
+        log(f"notice: {', '.join(ignored)} ignored: {loaded.path} records its architecture, classes and "
+            "input size")
+    warning = nonfinite_warning(loaded)
+    if warning:
+        log(warning)
+    return loaded
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf, with how many of each."""
+    found = []
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        if nan or inf:
+            counts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
+            found.append(f"{name} ({', '.join(c for c in counts if c)})")
+    return found
+
+
+def names(items: Sequence[str], limit: int) -> str:
+    """The first `limit` items, and how many more."""
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def nonfinite_warning(loaded: LoadedModel) -> str | None:
+    bad = nonfinite_tensors(loaded.model)
+    if not bad:
+        return None
+    return (f"warning: {loaded.path} holds non-finite weights (NaN/Inf) in {len(bad)} tensor(s): "
+            f"{names(bad, 5)}; its outputs are meaningless, use an earlier checkpoint")
+
+
+def output_width(loaded: LoadedModel, device: torch.device) -> int:
+    """The number of classes: known, or (a whole pickled model) the width of its output."""
+    if loaded.num_classes:
+        return loaded.num_classes
+    pre = loaded.preprocessing
+    x = torch.zeros(1, int(pre.get("channels", 3)), int(pre["img_size"]), int(pre["img_size"]), device=device)
+    with torch.inference_mode():
+        out = loaded.model(x)
+    if not torch.is_tensor(out) or out.dim() != 2:
+        raise UserError(f"{loaded.path} gives {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for "
+                        "an image, not a row of class scores; pass --num-classes N for a classifier")
+    return int(out.shape[1])
+
+
+def folder_samples(loaded: LoadedModel, data_dir: Path, outputs: int
+                   ) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+    """Class names (one per output), (path, label) samples of data_dir's class folders, and notes.
+    A checkpoint's class names label the folders by name; a file made elsewhere has none, so the
+    class folders in sorted order are labels 0..K-1, as torchvision's ImageFolder numbers them."""
+    from .data.images import samples_for_classes, scan_class_folders
+
+    if loaded.checkpoint is not None and loaded.classes:
+        return list(loaded.classes), samples_for_classes(data_dir, loaded.classes), []
+    found, samples = scan_class_folders(data_dir)
+    if len(found) > outputs:
+        raise UserError(f"{data_dir} has {len(found)} class folders but the model has {outputs} outputs; "
+                        f"pass a folder with at most {outputs}")
+    note = ("the file has no class names: the class folders in sorted order are labels "
+            f"0..{len(found) - 1} (as torchvision's ImageFolder numbers them)")
+    return found + [str(i) for i in range(len(found), outputs)], samples, [note]
 
 
 def gather_inputs(items: Iterable[str], accept: Callable[[Path], bool] = is_image_file,

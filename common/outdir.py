@@ -3,6 +3,7 @@ work is done, the sweep of temporary files left by killed saves, and the one-lin
 a save that fails mid-run."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK_NAME = ".toolkit.lock"
+_HELD: set[Path] = set()  # output folders whose lock this process holds: training runs
 
 
 def _alive(pid: int) -> bool:
@@ -48,6 +50,7 @@ class OutputLock:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(record, fh)
             self.held = True
+            _HELD.add(self.path.parent.resolve())
             return
         raise UserError(f"could not lock the output folder {self.path.parent}; pass another --output")
 
@@ -70,6 +73,7 @@ class OutputLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            _HELD.discard(self.path.parent.resolve())
 
 
 def check_writable(folder: Path) -> None:
@@ -89,11 +93,14 @@ def check_writable(folder: Path) -> None:
                         "writable --output") from None
 
 
+TEMPORARY_FILES = (".*.pth.*.tmp", ".*.tmp.png", ".metrics.csv.tmp")  # checkpoints, plots, metrics.csv
+
+
 def sweep_temporary_files(folder: Path, log) -> None:
     """Temporary files of saves cut short by a killed process (not of a live run: the folder's
     lock is held by now), with the space they took."""
     freed, count = 0, 0
-    for stale in [*folder.glob(".*.pth.*.tmp"), *folder.glob(".*.tmp.png")]:
+    for stale in [p for pattern in TEMPORARY_FILES for p in folder.glob(pattern)]:
         try:
             freed += stale.stat().st_size
             stale.unlink()
@@ -108,15 +115,43 @@ _SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exc
 
 
 def save_failure(exc: OSError, folder: Path, needed_bytes: int | None) -> UserError:
-    """A write that failed mid-run, as the one line a user can act on."""
+    """A checkpoint write (or another write of the run's saver) that failed mid-run, as the one line
+    a user can act on: which file, why, for a full disk how much room a checkpoint needs, and what
+    is left to continue from."""
     notes = [n.removeprefix("while writing ").removesuffix(" in the background")
              for n in getattr(exc, "__notes__", []) if n.startswith("while writing ")]
-    name = exc.filename or (notes[0] if notes else str(folder))  # the saver labels each write
-    why = _SPACE.get(exc.errno or 0, exc.strerror or str(exc))
-    need = f" (about {needed_bytes / 1e6:.0f} MB needed)" if needed_bytes and exc.errno in _SPACE else ""
-    return UserError(f"could not write {name}: {why}{need}; the previous checkpoint.pth in {folder} "
-                     "is intact: make room or fix the folder, then continue with --resume "
-                     f"{folder / 'checkpoint.pth'}")
+    # the saver's label is the file the user knows; the error's may be the temporary one
+    name = notes[0] if notes and notes[0].startswith(str(folder)) else _filename(exc) or str(folder)
+    checkpoint = name.endswith(".pth")
+    need = f" (about {needed_bytes / 1e6:.0f} MB needed)" if needed_bytes and checkpoint \
+        and exc.errno in _SPACE else ""
+    return UserError(f"could not write {name}: {_why(exc)}{need}; {_what_is_left(folder, checkpoint)}")
+
+
+def write_failure(exc: OSError, path: str | os.PathLike, name: str | None = None) -> UserError:
+    """Any other file that could not be written (a log, metrics.csv, a plot, TensorBoard's events):
+    which file (`name`, or the path) and why; in a training run also the checkpoint to continue from."""
+    target = Path(path).resolve()
+    run = next((folder for folder in _HELD if folder == target or folder in target.parents), None)
+    left = _what_is_left(run, False) if run is not None else \
+        "make room on the disk or fix the folder's permissions, then run the same command again"
+    return UserError(f"could not write {name or path}: {_why(exc)}; {left}")
+
+
+def _what_is_left(folder: Path, previous: bool) -> str:
+    last = folder / "checkpoint.pth"
+    if not last.is_file():
+        return "nothing was saved yet: make room or fix the folder, then run the same command again"
+    which = f"the previous checkpoint.pth in {folder}" if previous else str(last)
+    return f"{which} is intact: make room or fix the folder, then continue with --resume {last}"
+
+
+def _why(exc: OSError) -> str:
+    return _SPACE.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def _filename(exc: OSError) -> str | None:
+    return os.fsdecode(exc.filename) if exc.filename is not None else None
 
 
 def prepare_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -134,3 +169,25 @@ def prepare_output_file(path: str | os.PathLike, flag: str) -> Path:
         raise UserError(f"cannot write {flag} {file} ({exc.strerror or exc}); pass a path in a "
                         "writable folder") from None
     return file
+
+
+def write_atomically(path: str | os.PathLike, write, *, binary: bool = False,
+                     name: str | None = None) -> None:
+    """A result file (predictions, a mask, results JSON) written as checkpoints are: `write(fh)` fills
+    a temporary file beside it, which then replaces the file, so a full disk or a refused write
+    leaves any earlier file of that name whole. A failure is one UserError naming the file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        text = {} if binary else {"encoding": "utf-8", "newline": ""}
+        with open(tmp, "wb" if binary else "w", **text) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if exc.filename is not None and os.fsdecode(exc.filename) == str(tmp):
+            exc.filename = str(target)  # the user knows the file, not its temporary name
+        raise write_failure(exc, target, name) from None

@@ -81,14 +81,15 @@ def saved_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
         return t
 
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each one's: frozen BatchNorm stays in eval
     try:
         model.train()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             output = model(example)
         del output
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:

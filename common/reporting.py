@@ -1,15 +1,23 @@
-"""Logging (console + training.log), metrics.csv, TensorBoard scalars and PNG plots."""
+"""Logging (console + training.log), metrics.csv, TensorBoard scalars and PNG plots.
+
+A file here that cannot be written (a full disk, a folder without permission) is one UserError
+naming it (outdir.write_failure), never a traceback; what the file held before stays as it was
+(metrics.csv and the plots are written to a temporary file and renamed over the old one)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import logging
 import logging.handlers
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .outdir import write_failure
 
 LOGGER_NAME = "toolkit"
 
@@ -43,7 +51,11 @@ def setup_logging(enabled: bool = True) -> logging.Logger:
 def attach_log_file(output_dir: Path) -> None:
     """Start training.log (appended on resume) with the lines logged so far."""
     logger = logging.getLogger(LOGGER_NAME)
-    file = logging.FileHandler(output_dir / "training.log", encoding="utf-8")
+    path = output_dir / "training.log"
+    try:
+        file = _LogFile(path, encoding="utf-8")
+    except OSError as exc:
+        raise write_failure(exc, path) from None
     file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     for handler in list(logger.handlers):
         if isinstance(handler, logging.handlers.BufferingHandler):
@@ -52,6 +64,32 @@ def attach_log_file(output_dir: Path) -> None:
             logger.removeHandler(handler)
             handler.close()
     logger.addHandler(file)
+
+
+class _LogFile(logging.FileHandler):
+    """training.log. A line that cannot be written (a full disk) stops the run with one error line,
+    where logging would print a traceback to stderr and go on; the file is silent after that."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # called inside emit's except block
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        self.failed = True
+        raise write_failure(exc, self.baseFilename) from None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last lines of a failed file: the console has shown them
+            if not self.failed:
+                raise
 
 
 def close_logging() -> None:
@@ -86,13 +124,17 @@ def write_metrics_csv(history: Sequence[dict[str, float]], path: Path) -> None:
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for row in history:
+                writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_failure(exc, path) from None
 
 
 def _fmt(value: Any) -> Any:
@@ -102,31 +144,70 @@ def _fmt(value: Any) -> Any:
 
 
 class TensorBoard:
-    """Scalars per epoch; absent tensorboard means a notice, not a crash."""
+    """Scalars per epoch; absent tensorboard means a notice, not a crash. An events file that cannot
+    be written is one UserError (once: the writer is dropped)."""
 
     def __init__(self, folder: Path, log, purge_step: int | None = None):
         self.writer = None
+        self.folder = folder
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             log("notice: tensorboard is not installed; no TensorBoard logs "
                 "(pip install tensorboard)")
             return
-        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        _quiet_tensorboard_thread()
+        try:
+            self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+        except OSError as exc:
+            raise self._failure(exc) from None
 
     def scalars(self, record: dict[str, float]) -> None:
         if self.writer is None:
             return
         step = int(record["epoch"])
-        for key, value in record.items():
-            if key != "epoch":
-                group = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
-                self.writer.add_scalar(group, value, step)
-        self.writer.flush()
+        try:
+            for key, value in record.items():
+                if key != "epoch":
+                    group = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
+                    self.writer.add_scalar(group, value, step)
+            self.writer.flush()
+        except OSError as exc:
+            raise self._failure(exc) from None
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as exc:
+                raise self._failure(exc) from None
+
+    def _failure(self, exc: OSError):
+        """The events file (or, when the error names none, the folder) as one line; the broken writer
+        is closed quietly and dropped, so that closing the run does not fail a second time."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
+        if exc.filename is not None:
+            return write_failure(exc, os.fsdecode(exc.filename))
+        return write_failure(exc, self.folder, f"the TensorBoard log in {self.folder}")
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes its events file on a thread of its own. A failed write is kept for the next
+    add or flush in the training thread (where TensorBoard turns it into one line) and re-raised in
+    that thread too, whose traceback threading would print: keep that one (an OSError) off stderr."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_tensorboard", False):
+        return
+
+    def quiet(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            hook(args)
+
+    quiet.quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = quiet
 
 
 def plot_curves(history: Sequence[dict[str, float]], path: Path,
@@ -187,9 +268,14 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
 
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_failure(exc, path) from None
+    finally:
+        _pyplot().close(fig)
 
 
 def save_png(picture, path: Path) -> None:
@@ -197,5 +283,15 @@ def save_png(picture, path: Path) -> None:
     from PIL import Image
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(picture).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(picture).save(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_failure(exc, path) from None
+
+
+def _discard(tmp: Path) -> None:
+    """The temporary file of a write that failed (what it replaces is untouched)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)

@@ -35,7 +35,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
     layers: list[dict[str, Any]] = [DEMO_PRESET] if first.demo else []
     if not first.resume:
         return resolve(parser, argv, layers)[0], None
-    ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True)
+    ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True,
+                                    trust=first.trust_checkpoint, start_from="-f/--load")
     layers += [inheritable(ckpt.get("config", {}), parser), {"output": str(Path(first.resume).parent)}]
     return resolve(parser, argv, layers)[0], ckpt
 
@@ -82,7 +83,7 @@ def _check_same_size(pairs) -> None:
 def build_unet(args: argparse.Namespace, s: Session, channels_last: bool):
     model, spec = build_model("unet", args.classes, bilinear=bool(args.bilinear), base=int(args.width))
     if args.load:
-        load_weights_file(model, args.load, s.log)
+        load_weights_file(model, args.load, s.log, trust=args.trust_checkpoint)
     upsampling = "bilinear" if args.bilinear else "transposed conv"
     trained, plain = place_model(model, args, s, channels_last,
                                  f"U-Net ({upsampling} upsampling, width {args.width})")

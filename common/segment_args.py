@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .classify_args import add_cache_args
-from .cli import add_device_args, add_runtime_args, add_training_args
+from .cli import add_device_args, add_loading_args, add_runtime_args, add_training_args
 
 
 def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--width", type=int, default=64, help="channels of the first U-Net block (default: 64)")
     m.add_argument("-f", "--load", metavar="PATH",
                    help="start from weights: a checkpoint of this toolkit or another U-Net trainer's .pth")
+    add_loading_args(m, plain_state_dict=False)  # for -f/--load and --resume
     o = parser.add_argument_group("output")
     o.add_argument("--output", default="checkpoints/", help="output folder (default: checkpoints/)")
     o.add_argument("--keep-last", type=int, default=0,

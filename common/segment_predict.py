@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from .data import segmentation as seg
+from .data.images import DECODE_ERRORS, describe_error, load_rgb
 from .errors import UserError
 from .inference import LoadedModel
+from .outdir import write_atomically
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [245, 130, 48], [145, 30, 180], [70, 240, 240]], dtype=np.uint8)
@@ -38,20 +40,27 @@ def output_paths(inputs: Sequence[Path], outputs: Sequence[str] | None) -> list[
     return [Path(o) for o in outputs]
 
 
+def read_input(path: Path, channels: int) -> Image.Image | str:
+    """The image as load_image decodes it (EXIF orientation applied), or why it cannot be read."""
+    try:
+        image = load_rgb(path)
+    except DECODE_ERRORS as exc:
+        return describe_error(exc)
+    return image.convert("L") if channels == 1 else image
+
+
 @torch.inference_mode()
-def predict_index(loaded: LoadedModel, path: Path, scale: float, threshold: float, device, precision
-                  ) -> tuple[np.ndarray, Image.Image]:
-    """Class index per pixel at the image's original size, and the original image."""
-    channels = loaded.preprocessing.get("channels", 3)
-    original = seg.load_image(str(path), 1.0, channels)
-    image = seg.load_image(str(path), scale, channels)
+def predict_index(loaded: LoadedModel, original: Image.Image, scale: float, threshold: float, device,
+                  precision) -> np.ndarray:
+    """Class index per pixel of `original` (decoded by read_input), at its size."""
+    image = seg.rescale(original, scale)
     with precision.autocast():
         logits = loaded.model(seg.to_tensor(image).unsqueeze(0).to(device)).float()
     if logits.shape[1] == 1:
         index = (torch.sigmoid(logits[0, 0]) > threshold).long()
     else:
         index = logits[0].argmax(dim=0)
-    return seg.resize_nearest(index.cpu().numpy(), original.size), original
+    return seg.resize_nearest(index.cpu().numpy(), original.size)
 
 
 def overlay(image: Image.Image, index: np.ndarray) -> Image.Image:
@@ -63,21 +72,53 @@ def overlay(image: Image.Image, index: np.ndarray) -> Image.Image:
 
 
 def run(loaded: LoadedModel, inputs: Sequence[Path], args, s) -> int:
+    """A mask (and overlay) per readable input; an unreadable one is listed and skipped. Exit 0 when
+    at least one image was predicted; none is a UserError."""
     check_flags(loaded, args.classes, args.bilinear)
     mask_values = loaded.checkpoint["mask_values"] if loaded.checkpoint else [0, 255]
     scale = args.scale if args.scale is not None else loaded.preprocessing.get("scale", 0.5)
+    channels = loaded.preprocessing.get("channels", 3)
     targets = output_paths(inputs, args.output)
+    bad: list[tuple[Path, str]] = []
     for path, target in zip(inputs, targets, strict=True):
-        index, original = predict_index(loaded, path, scale, args.mask_threshold, s.device, s.precision)
-        share = float((index > 0).mean())
-        line = f"{path}: foreground {100 * share:.1f}% of pixels"
-        if not args.no_save:
-            mask = seg.index_to_mask(index, mask_values)
-            Image.fromarray(mask).save(target)
-            line += f" -> {target}"
-        if args.viz:
-            viz = target.with_name(f"{target.stem}_viz.png")
-            overlay(original, index).save(viz)
-            line += f" (overlay {viz})"
-        print(line)
+        original = read_input(path, channels)
+        if isinstance(original, str):
+            bad.append((path, original))
+            print(f"{path}: unreadable ({original})")
+            continue
+        index = predict_index(loaded, original, scale, args.mask_threshold, s.device, s.precision)
+        print(_write_outputs(path, target, original, index, mask_values, args))
+    report_skipped(len(inputs), bad)
     return 0
+
+
+def _write_outputs(path: Path, target: Path, original: Image.Image, index: np.ndarray, mask_values,
+                   args) -> str:
+    """Mask (unless --no-save) and overlay (--viz); the console line saying what was written."""
+    line = f"{path}: foreground {100 * float((index > 0).mean()):.1f}% of pixels"
+    if not args.no_save:
+        mask = Image.fromarray(seg.index_to_mask(index, mask_values))
+        write_atomically(target, lambda fh: mask.save(fh, format=_format(target)), binary=True)
+        line += f" -> {target}"
+    if args.viz:
+        viz = target.with_name(f"{target.stem}_viz.png")
+        picture = overlay(original, index)
+        write_atomically(viz, lambda fh: picture.save(fh, format="PNG"), binary=True)
+        line += f" (overlay {viz})"
+    return line
+
+
+def _format(path: Path) -> str:
+    """PIL's format name for a mask file's extension (PNG when it has none PIL knows)."""
+    Image.init()
+    return Image.EXTENSION.get(path.suffix.lower(), "PNG")
+
+
+def report_skipped(total: int, bad: Sequence[tuple[Path | str, str]]) -> None:
+    """The summary line of a prediction run; no input predicted at all is a UserError (exit 2)."""
+    if bad and len(bad) == total:
+        first, why = bad[0]
+        more = f" (and {total - 1} more, listed above)" if total > 1 else ""
+        raise UserError(f"none of the {total} input image(s) could be read: {first}: {why}{more}; "
+                        "pass image files (JPEG, PNG, ...) that open in an image viewer")
+    print(f"{total - len(bad)} image(s) predicted" + (f", {len(bad)} unreadable and skipped" if bad else ""))

@@ -188,7 +188,7 @@ def validate_recordings(loaded: LoadedModel, args: argparse.Namespace, s: Sessio
     metrics = SeriesTask(len(classes)).summarize(totals)
     scores = per_class_scores(totals["confusion"])
     print(report(metrics, scores, classes, count, unit="windows"))
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent
+    out_dir = args.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(totals["confusion"].tolist(), classes, out_dir / "confusion_matrix.png")
     print(f"confusion matrix: {out_dir / 'confusion_matrix.png'}")

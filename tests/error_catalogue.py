@@ -18,6 +18,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -84,8 +85,9 @@ class Assets:
 
             data = self._once("images_for_training", lambda r: (make_folder(r / "train", per_class=6, seed=1),
                                                                  make_folder(r / "val", per_class=3, seed=2)))
-            assert gpu_train.main(["--data-dir", str(data), "--output", str(out), *FAST, "--epochs", "1",
-                                   "--data-cache", "off"]) == 0
+            with inside(self.store):  # relative paths: the bytes do not depend on the scratch folder
+                assert gpu_train.main(["--data-dir", data.name, "--output", out.name, *FAST, "--epochs", "1",
+                                       "--data-cache", "off"]) == 0
         return shutil.copy(self._once("classifier", build) / which, to) and to
 
     def shapes(self, to: str = "data") -> str:
@@ -192,6 +194,15 @@ def corrupt_image(a: Assets) -> list[str]:
     return ["--data-dir", data, "--output", "out", *FAST, "--epochs", "1"]
 
 
+def checksummed_corrupt_png(a: Assets) -> list[str]:
+    """A PNG whose chunk checksums are right but whose compressed pixels are not."""
+    from test_bad_images import write_corrupt_png
+
+    data = a.images()
+    write_corrupt_png(Path(f"{data}/train/top/damaged.png"), "flipped")
+    return ["--data-dir", data, "--output", "out", *FAST, "--epochs", "1"]
+
+
 def missing_mask(a: Assets) -> list[str]:
     data = Path(a.shapes())
     next(iter(sorted((data / "masks").iterdir()))).unlink()
@@ -239,6 +250,8 @@ CASES: list[Case] = [
     Case(CLASSIFY, "--num-classes differs from the folders", "gpu_train", train("--num-classes", "5"),
          "--num-classes 5"),
     Case(CLASSIFY, "an unreadable image", "gpu_train", corrupt_image, "broken.png"),
+    Case(CLASSIFY, "a PNG with valid checksums but corrupt pixel data", "gpu_train", checksummed_corrupt_png,
+         "damaged.png"),
     Case(CLASSIFY, "--img-size below 8", "gpu_train", train("--img-size", "4"), "--img-size"),
     Case(CLASSIFY, "--img-size too large for the memory", "gpu_train", train("--img-size", "100000"),
          "cannot fit"),
@@ -263,6 +276,8 @@ CASES: list[Case] = [
     Case(FLAGS, "--warmup-epochs below 0", "gpu_train", train("--warmup-epochs", "-2"), "--warmup-epochs"),
     Case(FLAGS, "--mixup below 0", "gpu_train", train("--mixup", "-1"), "--mixup"),
     Case(FLAGS, "--ema 1", "gpu_train", train("--ema", "1"), "--ema"),
+    Case(FLAGS, "--nan-max-skips below 0", "gpu_train",
+         train("--nan-policy", "skip", "--nan-max-skips", "-1"), "--nan-max-skips"),
     Case(FLAGS, "--batch-size 0", "gpu_train", train("--batch-size", "0"), "--batch-size"),
     Case(FLAGS, "--epochs 0", "gpu_train", train("--epochs", "0"), "--epochs"),
     Case(FLAGS, "--device that does not exist", "gpu_train", train("--device", "tpu"), "--device"),
@@ -310,6 +325,15 @@ CASES: list[Case] = [
          lambda a: ["--model", hand_edited(a, lambda c: c.pop("model")), "--data-dir",
                     a.images("d") + "/val"],
          "model"),
+    Case(FILES, "a hand-edited checkpoint with an unknown constructor argument", "validate",
+         lambda a: ["--model", hand_edited(a, lambda c: c["model"]["kwargs"].update(depth=9)), "--data-dir",
+                    a.images("d") + "/val"], "depth"),
+    Case(FILES, "a hand-edited checkpoint without its input size", "predict",
+         lambda a: ["--model", hand_edited(a, lambda c: c["preprocessing"].pop("img_size")), "--input",
+                    a.images("d") + "/val"], "img_size"),
+    Case(FILES, "a hand-edited checkpoint whose classes are not a list", "export_onnx",
+         lambda a: ["--model", hand_edited(a, lambda c: c.update(classes="cat,dog")), "--output", "m.onnx"],
+         "classes"),
     # ---------------------------------------------------------------- output folders
     Case(OUTPUT, "--output is a file", "gpu_train", lambda a: ["--data-dir", a.images(), "--output",
                                                                write("out.txt", "x"), *FAST], "out.txt"),
@@ -346,6 +370,12 @@ CASES: list[Case] = [
                     str(make_folder(Path("other"), classes=("cat", "dog"), per_class=2))], "cat"),
     Case(TOOLS, "validate.py: a plain state_dict without --arch", "validate",
          lambda a: ["--model", state_dict_only("sd.pth"), "--data-dir", a.images("d") + "/val"], "--arch"),
+    Case(TOOLS, "validate.py: --output-dir is a file", "validate",
+         lambda a: ["--model", a.classifier(), "--data-dir", a.images() + "/val", "--output-dir",
+                    write("report", "x")], "report"),
+    Case(TOOLS, "validate.py: --results-file is a folder", "validate",
+         lambda a: ["--model", a.classifier(), "--data-dir", a.images() + "/val", "--results-file",
+                    folder("results")], "results"),
     Case(TOOLS, "predict.py: --input does not exist", "predict",
          lambda a: ["--model", a.classifier(), "--input", "photo.jpg"], "photo.jpg"),
     Case(TOOLS, "predict.py: a folder without images", "predict",
@@ -359,12 +389,18 @@ CASES: list[Case] = [
     Case(TOOLS, "predict.py: --output of an unknown kind", "predict",
          lambda a: ["--model", a.classifier(), "--input", a.images() + "/val", "--output", "r.xlsx"],
          ".xlsx"),
+    Case(TOOLS, "predict.py: a U-Net with every input unreadable", "predict",
+         lambda a: ["--model", a.unet(), "--input", write("scan.png", b"\x89PNG\r\n\x1a\nnope")], "scan.png"),
     Case(TOOLS, "export_onnx.py: --opset too old", "export_onnx",
          lambda a: ["--model", a.classifier(), "--output", "m.onnx", "--opset", "5"], "--opset"),
     Case(TOOLS, "export_onnx.py: --output in a folder that is a file", "export_onnx",
          lambda a: ["--model", a.classifier(), "--output", write("f", "x") + "/m.onnx"], "f"),
     Case(TOOLS, "test_model.py: --model-path does not exist", "test_model",
          lambda a: ["--model-path", "nowhere.pth"], "nowhere.pth"),
+    Case(TOOLS, "test_model.py: --model-path is a folder", "test_model",
+         lambda a: ["--model-path", folder("models")], "folder"),
+    Case(TOOLS, "test_model.py: --batches 0", "test_model",
+         lambda a: ["--model-path", a.classifier(), "--batches", "0"], "--batches"),
     # ---------------------------------------------------------------- behaviour recordings
     Case(SERIES, "--data-dir does not exist", "run_behavior_classification",
          lambda a: ["--data-dir", "missing", "--output", "out", "--num-workers=0"], "missing"),
@@ -437,23 +473,45 @@ def problems(outcome: Outcome) -> list[str]:
 
 
 def shown(text: str, folder: Path) -> str:
-    """A line as a user in that folder would read it: scratch paths made relative."""
+    """A line as a user in that folder would read it: scratch paths made relative, and what differs
+    between machines (the process id and host of a lock) written as placeholders."""
     for prefix in (str(folder.resolve()), str(folder)):
         text = text.replace(prefix + os.sep, "").replace(prefix, ".")
-    return text
+    return re.sub(r"\(pid \d+ on [^)]+\)", "(pid PID on HOST)", text)
 
 
 def command(outcome: Outcome, folder: Path) -> str:
-    args = " ".join(a if a and " " not in a and "*" not in a else repr(a) for a in outcome.argv)
+    """The command as the user would type it, without the quick-test flags the cases add."""
+    argv = list(outcome.argv)
+    for quick in (FAST, UNET_FAST):
+        for i in range(len(argv) - len(quick) + 1):
+            if argv[i:i + len(quick)] == quick:
+                del argv[i:i + len(quick)]
+                break
+    args = " ".join(a if a and " " not in a and "*" not in a else repr(a) for a in argv)
     return shown(f"python {outcome.case.script}.py {args}", folder)
+
+
+@contextlib.contextmanager
+def fixed_memory(bytes_available: int = 16 * 10**9):
+    """The memory check sees the same 16 GB on every machine, so its lines are the same everywhere."""
+    from common import preflight
+
+    real = preflight.memory_budget
+    preflight.memory_budget = lambda device: (bytes_available, "of available RAM")
+    try:
+        yield
+    finally:
+        preflight.memory_budget = real
 
 
 def run_all(scratch: Path) -> list[tuple[Outcome, Path]]:
     assets = Assets(scratch / "_assets")
     results = []
-    for i, case in enumerate(CASES):
-        folder = scratch / f"case{i:03d}"
-        results.append((run_case(case, folder, assets), folder))
+    with fixed_memory():
+        for i, case in enumerate(CASES):
+            folder = scratch / f"case{i:03d}"
+            results.append((run_case(case, folder, assets), folder))
     return results
 
 
@@ -463,7 +521,9 @@ def render(results: list[tuple[Outcome, Path]]) -> str:
              "user had is changed. The list is generated from `tests/error_catalogue.py`, which makes "
              "each input and runs the command (`python tests/error_catalogue.py` rewrites this file; "
              "the test suite fails when it is out of date). Paths are relative to the folder the "
-             "command ran in.", "", f"{len(results)} entries.", ""]
+             "command ran in; the quick-test flags the cases add (a tiny model, tiny images) are "
+             "left out of the commands, and the memory check was given 16 GB.", "",
+             f"{len(results)} entries.", ""]
     area = None
     for outcome, folder in results:
         if outcome.case.area != area:

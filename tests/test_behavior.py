@@ -15,7 +15,7 @@ from test_timeseries_data import make_activity_recordings, write_long, write_rec
 
 import predict
 import run_behavior_classification as rbc
-from common import behavior
+from common import behavior, selftest
 from common.checkpoint import load_checkpoint
 from common.data import timeseries as ts
 from common.envreport import report
@@ -328,7 +328,7 @@ def test_test_model_checks_a_behaviour_model(trained, capsys):
     assert test_model.main(["--model-path", str(model), "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
     assert "forward pass: input (32, 3, 64) -> output (32, 3)" in out
-    assert "windows)" in out and out.rstrip().endswith(test_model.READY_OTHER["timeseries"])
+    assert "windows)" in out and out.rstrip().endswith(selftest.READY_OTHER["timeseries"])
 
 
 def test_predict_cuts_a_long_recording_into_windows(trained, tmp_path, capsys):

@@ -242,6 +242,122 @@ def test_truncated_file(tmp_path, fraction):
     path.write_bytes(data[: int(len(data) * fraction)])
     message = assert_user_error_naming(path)
     assert "trust-checkpoint" not in message
+    assert "is truncated (" in message and "miniz" not in message and "PytorchStreamReader" not in message
+
+
+def resumable_payload() -> dict:
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    return payload(model, train_state={"optimizer": opt.state_dict(), "rng": ck.rng_state(), "epoch": 1})
+
+
+@pytest.mark.parametrize("writer", ["file object", "file name"])
+def test_truncation_knows_the_length_once_the_first_record_is_whole(tmp_path, writer):
+    """Cut at every 37th byte (and the last 30): from the end of data.pkl on, the expected length
+    is the file's real one, whichever archive name torch used (a file object gives "archive",
+    a file name its stem); inside data.pkl it is unknown; a whole file is not truncated."""
+    import zipfile
+
+    from common.archive import truncation
+
+    good = tmp_path / "good_name.pth"
+    if writer == "file object":
+        ck.atomic_save(resumable_payload(), good)
+    else:
+        torch.save(resumable_payload(), good)
+    data = good.read_bytes()
+    first_end = zipfile.ZipFile(good).infolist()[1].header_offset  # data.pkl and its descriptor
+    assert truncation(good) is None
+    cut = tmp_path / "cut.pth"
+    for size in [*range(4, len(data), 37), *range(len(data) - 30, len(data))]:
+        cut.write_bytes(data[:size])
+        assert truncation(cut) == (size, len(data) if size >= first_end else None), size
+
+
+def test_zip_damaged_otherwise_is_not_called_truncated(tmp_path):
+    good = saved_checkpoint(tmp_path, "good.pth")
+    data = bytearray(good.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    data[end:end + 4] = b"XXXX"  # the end record's signature, overwritten: whole length, no directory
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(bytes(data))
+    message = assert_user_error_naming(path)
+    assert "truncated" not in message and "corrupt" in message and "miniz" not in message
+
+
+# ---------------------------------------------------------------- hand-edited entries
+
+def good_checkpoint() -> dict:
+    from common.data.images import preprocessing
+
+    return payload(model_spec={"name": "small_cnn", "source": "local", "kwargs": {"num_classes": 3}},
+                   meta={"classes": ["a", "b", "c"], "preprocessing": preprocessing(32)})
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c.update(task=3), "'task'"),
+    (lambda c: c["model"].pop("name"), "'model.name'"),
+    (lambda c: c["model"].update(kwargs=[3]), "'model.kwargs'"),
+    (lambda c: c.update(version="1"), "'version'"),
+    (lambda c: c.update(metrics=[0.5]), "'metrics'"),
+    (lambda c: c.update(classes=["a", None, "c"]), "'classes'"),
+])
+def test_check_header_names_a_mistyped_entry(tmp_path, edit, key):
+    ckpt = good_checkpoint()
+    edit(ckpt)
+    with pytest.raises(UserError) as info:
+        ck.check_header(ckpt, tmp_path / "x.pth")
+    assert key in str(info.value) and str(tmp_path / "x.pth") in str(info.value)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["preprocessing"].update(resize_size=0), "'preprocessing.resize_size'"),
+    (lambda c: c["preprocessing"].update(std=[0.2, 0.0, 0.2]), "'preprocessing.std'"),
+    (lambda c: c.update(task="segmentation", mask_values="0,255"), "'mask_values'"),
+    (lambda c: c.update(task="segmentation", mask_values=[0, 255], preprocessing={"scale": 2}),
+     "'preprocessing.scale'"),
+    (lambda c: c.update(task="timeseries", preprocessing={"window_size": 8, "channels": "ax,ay",
+                                                           "mean": [0, 0], "std": [1, 1]}),
+     "'preprocessing.channels'"),
+    (lambda c: c.update(task="timeseries", preprocessing={"window_size": "8", "channels": ["ax"],
+                                                           "mean": [0], "std": [1]}),
+     "'preprocessing.window_size'"),
+])
+def test_check_inputs_names_what_the_tools_cannot_use(tmp_path, edit, key):
+    ckpt = good_checkpoint()
+    ck.check_inputs(ckpt, tmp_path / "x.pth")  # the unedited one is fine
+    edit(ckpt)
+    with pytest.raises(UserError) as info:
+        ck.check_inputs(ckpt, tmp_path / "x.pth")
+    assert key in str(info.value) and str(tmp_path / "x.pth") in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"num_classes": 3, "depth": 2}, ["'depth'", "small_cnn does not take", "in_chans, width, dropout"]),
+    ({"num_classes": 3, "width": "32"}, ["model.kwargs.width is '32'", "whole number"]),
+    ({"num_classes": 3, "dropout": True}, ["model.kwargs.dropout is True", "float"]),
+    ({"num_classes": 0}, ["model.kwargs.num_classes is 0"]),
+    ({"width": 8}, ["lacks num_classes"]),
+])
+def test_model_from_spec_names_a_hand_edited_argument(kwargs, words):
+    from common.models import model_from_spec
+
+    with pytest.raises(UserError) as info:
+        model_from_spec({"name": "small_cnn", "source": "local", "kwargs": kwargs}, where="checkpoint c.pth")
+    message = str(info.value)
+    assert message.startswith("checkpoint c.pth: ") and all(w in message for w in words), message
+
+
+def test_model_from_spec_torchvision_arguments():
+    from common.models import model_from_spec
+
+    with pytest.raises(UserError, match="'dropout', which torchvision's resnet18 does not take"):
+        model_from_spec({"name": "resnet18", "source": "torchvision",
+                         "kwargs": {"num_classes": 2, "dropout": 1}})
+    with pytest.raises(UserError, match="model.kwargs.num_classes is '2'"):
+        model_from_spec({"name": "resnet18", "source": "torchvision", "kwargs": {"num_classes": "2"}})
 
 
 RANDOM_BYTES = bytes(random.Random(0).randrange(256) for _ in range(4096))
@@ -270,10 +386,13 @@ def test_garbage_file_is_not_called_a_pickle_to_trust(tmp_path, kind):
 
 
 def test_plain_state_dict_is_not_a_toolkit_checkpoint(tmp_path):
+    """The way out is named with the calling script's own flag, and no flag without one."""
     path = tmp_path / "weights.pth"
     torch.save(tiny_model().state_dict(), path)
     message = assert_user_error_naming(path)
-    assert ck.FORMAT in message and "--weights" in message
+    assert ck.FORMAT in message and "--" not in message
+    message = assert_user_error_naming(path, start_from="-f/--load")
+    assert message.endswith("to start from its weights, pass it to -f/--load")
 
 
 class Evil:

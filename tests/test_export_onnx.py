@@ -19,6 +19,7 @@ from torch import nn
 
 import export_onnx
 import gpu_train
+from common import export
 from common import models as models_mod
 from common.checkpoint import VERSION, atomic_save, load_checkpoint, make_payload
 from common.data.images import eval_transform, load_rgb, preprocessing
@@ -132,8 +133,8 @@ def test_resnet18_with_img_size_override(tmp_path, capsys):
 def test_outputs_above_tolerance_are_an_error_and_keep_the_old_file(trained, tmp_path, capsys, monkeypatch):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the user's earlier export")
-    real = export_onnx.torch_outputs
-    monkeypatch.setattr(export_onnx, "torch_outputs", lambda model, x: real(model, x) + 0.01)
+    real = export.torch_outputs
+    monkeypatch.setattr(export, "torch_outputs", lambda model, x: real(model, x) + 0.01)
     capsys.readouterr()
     assert export_onnx.main(["--model", str(trained["ckpt"]), "--output", str(out)]) == 2
     err = capsys.readouterr().err
@@ -181,10 +182,10 @@ def test_unsupported_operator_names_from_exporter_messages():
               "overload='default')>. Failure message: ...")
     node = "Error when translating node %h : [n=1] = call_function[target=torch.ops.aten.histc.default](...)"
     legacy = "Exporting the operator 'aten::cummax' to ONNX opset version 17 is not supported."
-    assert export_onnx.unsupported_operator(dynamo) == "aten::linalg_eig"
-    assert export_onnx.unsupported_operator(node) == "aten::histc"
-    assert export_onnx.unsupported_operator(legacy) == "aten::cummax"
-    assert export_onnx.unsupported_operator("something else went wrong") is None
+    assert export.unsupported_operator(dynamo) == "aten::linalg_eig"
+    assert export.unsupported_operator(node) == "aten::histc"
+    assert export.unsupported_operator(legacy) == "aten::cummax"
+    assert export.unsupported_operator("something else went wrong") is None
 
 
 def test_missing_and_truncated_checkpoints(trained, tmp_path, capsys):

@@ -50,6 +50,7 @@ def test_train_then_validate(dataset, tmp_path, capsys):
 
     capsys.readouterr()
     results = tmp_path / "results.json"
+    (out / "confusion_matrix.png").write_bytes(b"the user's own picture")  # beside the model: kept
     assert validate.main(["--model", str(out / "best_model.pth"), "--data-dir", str(dataset / "val"),
                           "--results-file", str(results), "--num-workers", "0"]) == 0
     printed = capsys.readouterr().out
@@ -59,7 +60,9 @@ def test_train_then_validate(dataset, tmp_path, capsys):
     assert f"top-1 accuracy: {100 * best:.2f}%" in printed
     assert "top-5" not in printed  # only two classes
     assert sum(map(sum, data["confusion_matrix"])) == 12
-    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "validation" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "confusion_matrix.png").read_bytes() == b"the user's own picture"
+    assert f"confusion matrix: {out / 'validation' / 'confusion_matrix.png'}" in printed
 
 
 class StopAfter(Exception):

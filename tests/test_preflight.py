@@ -35,6 +35,10 @@ def test_the_dry_run_leaves_the_model_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert preflight.activation_bytes_per_pixel(model, 3, CPU, 224) > 0
     assert not model.training
+    model.train()
+    model[1].eval()  # a frozen BatchNorm in a model that trains keeps its own mode
+    preflight.activation_bytes_per_pixel(model, 3, CPU, 224)
+    assert model.training and model[0].training and not model[1].training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
 
@@ -114,3 +118,18 @@ def test_gpu_train_checks_the_model_at_its_size_before_the_first_step(dataset, t
     err = capsys.readouterr().err
     assert "error: --img-size 32: training cannot fit" in err and "400.0 kB of available RAM" in err
     assert not (out / "checkpoint.pth").exists() and not (out / "metrics.csv").exists()
+
+
+def test_finetune_checks_the_model_at_its_size_too(dataset, tmp_path, capsys, monkeypatch):
+    import finetune_gpu
+
+    out = tmp_path / "out"
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(out), "--model", "small_cnn",
+                           "--img-size", "32", "--batch-size", "8", "--epochs", "1",
+                           "--num-workers", "0"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(preflight, "memory_budget", lambda device: (400_000, "of available RAM"))
+    assert finetune_gpu.main(["--model-path", str(out / "best_model.pth"), "--data-dir", str(dataset),
+                              "--output", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8",
+                              "--num-workers", "0", "--log-dir", str(tmp_path / "logs")]) == 2
+    assert "error: --img-size 32: training cannot fit" in capsys.readouterr().err

@@ -14,11 +14,12 @@ from conftest import FAST, make_folder
 
 import gpu_train
 import test_model
+from common import selftest
 from common.checkpoint import load_checkpoint
 from common.inference import load_for_inference
 from common.models.small import SmallCNN
 
-PASS, FAIL, SKIP = (test_model.MARKS[k] for k in ("pass", "fail", "skip"))
+PASS, FAIL, SKIP = (selftest.MARKS[k] for k in ("pass", "fail", "skip"))
 QUICK = ["--batch-size", "8", "--num-workers", "0"]
 
 
@@ -61,7 +62,7 @@ def test_good_checkpoint_passes_every_check(trained, capsys):
     names = ["file integrity", "device", "forward pass", "quick evaluation", "memory"]
     for number, name in enumerate(names, 1):
         assert check_line(out, number).startswith(f"{PASS} {number}. {name}: "), out
-    assert out.rstrip().splitlines()[-1] == f"{PASS} {test_model.READY}"
+    assert out.rstrip().splitlines()[-1] == f"{PASS} {selftest.READY}"
 
     ckpt = load_checkpoint(trained["model"])
     params = sum(p.numel() for p in SmallCNN(2).parameters())
@@ -95,8 +96,8 @@ def test_quick_evaluation_samples_across_classes(trained):
     args = test_model.build_parser().parse_args(["--model-path", str(trained["model"]), "--batches", "1",
                                                  "--batch-size", "4"])
     loaded = load_for_inference(trained["model"], torch.device("cpu"))
-    run = test_model.Run(args, set(), torch.device("cpu"), None, [], loaded=loaded, num_classes=2)
-    chosen, details = test_model.eval_samples(trained["val"], run)
+    run = selftest.Run(args, set(), torch.device("cpu"), None, [], loaded=loaded, num_classes=2)
+    chosen, details = selftest.eval_samples(trained["val"], run)
     assert len(chosen) == 4 and {label for _, label in chosen} == {0, 1}
     assert all(Path(path).parent.name == ["bottom", "top"][label] for path, label in chosen)
     assert details == [f"data: 4 of 12 images in {trained['val']} (random sample)"]
@@ -107,7 +108,7 @@ def test_equals_form_and_skipped_evaluation_without_data(trained, capsys):
     assert code == 0, out
     assert check_line(out, 4) == f"{SKIP} 4. quick evaluation: no --data-dir (pass a folder of class " \
                                  "folders to measure accuracy)"
-    assert out.rstrip().endswith(test_model.READY)
+    assert out.rstrip().endswith(selftest.READY)
 
 
 def test_unknown_class_folders_fail_the_evaluation(trained, capsys, tmp_path):
@@ -148,11 +149,14 @@ def test_damaged_file_fails_check_1(trained, capsys, tmp_path, kind):
     assert "trust-checkpoint" not in line  # never advise the unsafe loader for garbage
 
 
-def test_missing_file_fails_check_1(capsys, tmp_path):
-    code, out = run(capsys, "--model-path", str(tmp_path / "nope.pth"))
-    assert code == 1
-    assert "does not exist" in check_line(out, 1) and check_line(out, 1).startswith(FAIL)
-    assert out.rstrip().splitlines()[-1].startswith(f"{FAIL} 1 of 5 checks failed (file integrity)")
+def test_a_model_path_that_does_not_exist_is_a_command_line_error(capsys, tmp_path):
+    """A typo in the path is the command's fault, not the model's: one line, exit 2, no check."""
+    for path, words in ((tmp_path / "nope.pth", "does not exist"), (tmp_path, "is a folder")):
+        assert test_model.main(["--model-path", str(path)]) == 2
+        captured = capsys.readouterr()
+        errors = captured.err.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("error: ") and words in errors[0]
+        assert "1. file integrity" not in captured.out
 
 
 def test_nan_weight_is_named(trained, capsys, tmp_path):
@@ -277,22 +281,22 @@ def test_ascii_marks_when_the_console_cannot_encode_emoji(trained, monkeypatch):
     assert code == 0
     assert re.search(r"^\[PASS\] 1\. file integrity: ", text, re.M)
     assert re.search(r"^\[SKIP\] 4\. quick evaluation: ", text, re.M)
-    assert text.rstrip().splitlines()[-1] == f"[PASS] {test_model.READY}"
+    assert text.rstrip().splitlines()[-1] == f"[PASS] {selftest.READY}"
     assert PASS not in text and SKIP not in text
-    assert test_model.pick_marks(io.TextIOWrapper(io.BytesIO(), encoding="utf-8")) == test_model.MARKS
+    assert selftest.pick_marks(io.TextIOWrapper(io.BytesIO(), encoding="utf-8")) == selftest.MARKS
 
 
 def test_peak_rss_fallbacks(monkeypatch, tmp_path):
-    assert test_model.peak_rss_bytes() > 10 * 2**20  # getrusage: a Python process with torch loaded
+    assert selftest.peak_rss_bytes() > 10 * 2**20  # getrusage: a Python process with torch loaded
     monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: the import fails
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\n")
-    assert test_model.peak_rss_bytes(status) == 123456 * 1024
-    assert test_model.peak_rss_bytes(tmp_path / "missing") is None
+    assert selftest.peak_rss_bytes(status) == 123456 * 1024
+    assert selftest.peak_rss_bytes(tmp_path / "missing") is None
 
 
 def test_memory_check_says_unavailable(monkeypatch):
-    monkeypatch.setattr(test_model, "peak_rss_bytes", lambda: None)
+    monkeypatch.setattr(selftest, "peak_rss_bytes", lambda: None)
     args = test_model.build_parser().parse_args(["--model-path", "x"])
-    result = test_model.check_memory(test_model.Run(args, set(), torch.device("cpu"), None, []))
+    result = selftest.check_memory(selftest.Run(args, set(), torch.device("cpu"), None, []))
     assert result.status == "skip" and "unavailable" in result.summary

@@ -6,6 +6,7 @@ checkpoint, so tools rebuild it without the user repeating flags.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def find_source(name: str) -> str:
     known = sorted({n for names in list_models().values() for n in names})
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown model {name!r}.{hint} See the list with --list-models")
+    raise UserError(f"unknown model {name!r}.{hint} See the list with gpu_train.py --list-models")
 
 
 def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: bool = False,
@@ -73,8 +74,55 @@ def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: b
     return _construct(name, source, kwargs, pretrained), spec
 
 
-def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    return _construct(spec["name"], spec["source"], dict(spec.get("kwargs", {})), pretrained=False)
+def model_from_spec(spec: dict[str, Any], where: str = "the model spec") -> nn.Module:
+    """The model a checkpoint's "model" entry describes. A hand-edited entry (an argument the
+    constructor does not take, a missing or mistyped one) is a UserError naming it and `where`."""
+    name, source, kwargs = spec["name"], spec["source"], dict(spec.get("kwargs", {}))
+    if source == "local" and name in LOCAL_MODELS:
+        _check_kwargs(LOCAL_MODELS[name], name, kwargs, where)
+    elif source == "torchvision":
+        unknown = sorted(set(kwargs) - {"num_classes", "in_chans"})
+        if unknown:
+            raise UserError(f"{where}: model.kwargs has {unknown[0]!r}, which torchvision's {name} does not "
+                            "take here (num_classes, in_chans); remove it or use an unedited checkpoint")
+        if not _is_whole(kwargs.get("num_classes")):
+            raise UserError(f"{where}: model.kwargs.num_classes is {kwargs.get('num_classes')!r}, but "
+                            f"{name} needs a whole number of 1 or more; use an unedited checkpoint")
+    try:
+        return _construct(name, source, kwargs, pretrained=False)
+    except (TypeError, ValueError, RuntimeError) as exc:  # timm's checks, or a value it cannot use
+        raise UserError(f"{where}: cannot build {name} from model.kwargs {kwargs} ({exc}); use an unedited "
+                        "checkpoint") from None
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_kwargs(factory: Callable[..., nn.Module], name: str, kwargs: dict[str, Any], where: str) -> None:
+    """Every constructor argument of a built-in model known, present when required, and of the
+    type of its default (whole numbers for the required ones: counts of classes and channels)."""
+    params = {p.name: p for p in inspect.signature(factory).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    for key, value in kwargs.items():
+        if key not in params:
+            raise UserError(f"{where}: model.kwargs has {key!r}, which {name} does not take (it takes "
+                            f"{', '.join(params)}); remove it or use an unedited checkpoint")
+        default = params[key].default
+        kind = int if default is inspect.Parameter.empty else type(default)
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if default is not None and not fits:
+            raise UserError(f"{where}: model.kwargs.{key} is {value!r}, but {name} needs a "
+                            f"{'whole number' if kind is int else kind.__name__}; use an unedited checkpoint")
+        if default is inspect.Parameter.empty and not _is_whole(value):
+            raise UserError(f"{where}: model.kwargs.{key} is {value!r}, but {name} needs a whole number of "
+                            "1 or more; use an unedited checkpoint")
+    missing = [key for key, p in params.items() if p.default is inspect.Parameter.empty and key not in kwargs]
+    if missing:
+        raise UserError(f"{where}: model.kwargs lacks {', '.join(missing)}, which {name} needs; use an "
+                        "unedited checkpoint")
 
 
 def _construct(name: str, source: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
@@ -152,12 +200,16 @@ def permute_head(model: nn.Module, order: list[int]) -> None:
             head.bias.copy_(head.bias[index])
 
 
-def load_weights_file(model: nn.Module, path: str | Path, log: Callable[[str], None]) -> None:
-    """--weights: take every tensor whose name and shape fit (a different head is left new)."""
+def load_weights_file(model: nn.Module, path: str | Path, log: Callable[[str], None],
+                      trust: bool = False) -> None:
+    """--weights: take every tensor whose name and shape fit (a different head is left new).
+    trust: --trust-checkpoint, which also reads a whole pickled model (its state_dict is taken)."""
     from ..checkpoint import FORMAT, load_raw
 
-    raw = load_raw(path)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+    raw = load_raw(path, trust=trust)
+    if isinstance(raw, nn.Module):
+        raw = raw.state_dict()
+    elif isinstance(raw, dict) and raw.get("format") == FORMAT:
         raw = raw["state_dict"]
     elif isinstance(raw, dict):
         for key in ("state_dict", "model", "model_state_dict"):
