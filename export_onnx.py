@@ -25,7 +25,7 @@ from common.export import DEFAULT_OPSET, DYNAMO_MIN_OPSET
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--model", required=True, metavar="CHECKPOINT",
                         help="checkpoint to export (best_model.pth or checkpoint.pth)")
     parser.add_argument("--output", metavar="FILE.onnx",

@@ -26,7 +26,7 @@ from common.finetune_args import add_finetune_args
 
 
 def build_parser():
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     add_finetune_args(parser)
     return parser
 

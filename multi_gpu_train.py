@@ -24,7 +24,7 @@ from common.errors import run_cli
 
 
 def build_parser():
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     add_classification_args(parser)
     g = parser.add_argument_group("launching")
     g.add_argument("--distributed", action="store_true",

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def build_parser():
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("-m", "--model", required=True, metavar="CHECKPOINT", help="checkpoint to run")
     parser.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (recursive) or glob patterns")

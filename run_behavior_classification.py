@@ -24,7 +24,7 @@ from common.launch import processes_to_launch, relaunch, under_torchrun
 
 
 def build_parser():
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     add_behavior_args(parser)
     return parser
 

@@ -41,7 +41,7 @@ from common.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--model-path", "--model", dest="model_path", metavar="FILE",
                         help="the model file: best_model.pth / checkpoint.pth, or a file made elsewhere")
     parser.add_argument("--data-dir", help="folder of class folders for the quick evaluation (optional)")

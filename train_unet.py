@@ -23,7 +23,7 @@ from common.segment_args import add_segmentation_args
 
 
 def build_parser():
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     add_segmentation_args(parser)
     return parser
 

@@ -24,7 +24,7 @@ from common.series_args import add_series_args
 
 
 def build_parser():
-    parser = new_parser(__doc__.split("\n\n")[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--model", required=True, metavar="CHECKPOINT",
                         help="checkpoint to evaluate (best_model.pth or checkpoint.pth)")
     parser.add_argument("--data-dir", required=True, help="folder of class folders to evaluate on")

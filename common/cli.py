@@ -6,6 +6,7 @@ Precedence, lowest first: the parser's defaults, `--config FILE.json`, script la
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -38,9 +39,54 @@ def tristate(value: str) -> bool | str:
     raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
 
 
-def new_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help strings write their default as %(default)s, so that `--help` shows the value a run
+    really uses, also after a script's set_defaults(); a default of None reads "off"."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if action.default is None and "%(default)" in (action.help or ""):
+            action = copy.copy(action)
+            action.default = "off"
+        return super()._expand_help(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose "unrecognized arguments" error names blank arguments: a command
+    pasted from a guide with `\\ # comment` after the line break hands the script a lone space."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            blank = sum(1 for a in extras if not a.strip())
+            shown = " ".join(repr(a) if not a.strip() else a for a in extras)
+            hint = (f"; {blank} of them blank (only spaces): in a command over several lines the backslash "
+                    "must be the last character of each line, with no spaces or # comment after it, or "
+                    "the lines after it never reach the script") if blank else ""
+            self.error(f"unrecognized arguments: {shown}{hint}")
+        return parsed
+
+
+EXAMPLES_SHOWN = 5
+
+
+def examples_of(doc: str) -> list[str]:
+    """The example commands of a script's docstring: the lines of its first indented block
+    (the second paragraph) that run a program, spaces collapsed, at most EXAMPLES_SHOWN."""
+    paragraphs = doc.strip("\n").split("\n\n")
+    if len(paragraphs) < 2:
+        return []
+    lines = [" ".join(line.split()) for line in paragraphs[1].splitlines() if line.startswith("    ")]
+    commands = [line for line in lines if line.split()[0] in {"python", "torchrun", "tensorboard"}]
+    return commands[:EXAMPLES_SHOWN]
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: the first paragraph of `doc` (its docstring) as the description, and the
+    example commands of the docstring at the end of --help."""
+    examples = examples_of(doc)
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else None
+    parser = Parser(description=doc.strip("\n").split("\n\n")[0], epilog=epilog,
+                    formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE.json",
                         help="JSON file of defaults (keys are flag names); the command line wins")
     return parser
@@ -83,7 +129,7 @@ def add_loading_args(target: argparse.ArgumentParser | argparse._ArgumentGroup, 
         g.add_argument("--num-classes", type=int, default=None, metavar="N",
                        help=num_classes_help or "number of classes of a plain state_dict")
         if img_size is not False:
-            shown = f"default: {img_size}" if img_size is not None else "default: 224"
+            shown = "default: %(default)s" if img_size is not None else "224 when not given"
             g.add_argument("--img-size", type=int, default=img_size,
                            help=f"input size of a plain state_dict or a pickled model ({shown})")
     g.add_argument("--trust-checkpoint", action="store_true",
@@ -97,7 +143,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", type=tristate, nargs="?", const=True, default="auto",
                    help="channels_last memory format: auto (on for CUDA), true or false")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (slower; bit-exact resume on CPU)")
 
@@ -109,44 +155,45 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
     g = parser.add_argument_group("training")
     short = {"b": ["-b"], "e": ["-e"], "l": ["-l", "--learning-rate"]} if short_flags else {}
     g.add_argument(*short.get("b", []), "--batch-size", type=int, default=batch_size,
-                   help=f"batch size per process (default: {batch_size})")
+                   help="batch size per process (default: %(default)s)")
     g.add_argument(*short.get("e", []), "--epochs", type=int, default=epochs,
-                   help=f"total number of epochs (default: {epochs}); with --resume, the new total")
+                   help="total number of epochs (default: %(default)s); with --resume, the new total")
     g.add_argument(*short.get("l", []), "--lr", type=float, default=lr, dest="lr",
-                   help=f"learning rate (default: {lr})")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default: 0.01)")
+                   help="learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (default: %(default)s)")
     g.add_argument("--optimizer", choices=["adamw", "sgd", "adam"], default="adamw",
-                   help="optimizer (default: adamw)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+                   help="optimizer (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     g.add_argument("--amsgrad", action="store_true", help="AMSGrad variant of Adam/AdamW")
     g.add_argument("--scheduler", default="cosine",
                    choices=["cosine", "step", "warmrestart", "onecycle", "plateau", "none"],
-                   help="learning-rate schedule (default: cosine)")
+                   help="learning-rate schedule (default: %(default)s)")
     g.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear warm-up from lr/100 over this many epochs (default: 0)")
-    g.add_argument("--step-size", type=int, default=20, help="step: epochs between decays (20)")
-    g.add_argument("--gamma", type=float, default=0.1, help="step/plateau: decay factor (0.1)")
-    g.add_argument("--t0", type=int, default=10, help="warmrestart: epochs of the first cycle (10)")
-    g.add_argument("--t-mult", type=int, default=2, help="warmrestart: cycle growth factor (2)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="floor of cosine schedules (0)")
+                   help="linear warm-up from lr/100 over this many epochs (default: %(default)s)")
+    g.add_argument("--step-size", type=int, default=20, help="step: epochs between decays (%(default)s)")
+    g.add_argument("--gamma", type=float, default=0.1, help="step/plateau: decay factor (%(default)s)")
+    g.add_argument("--t0", type=int, default=10, help="warmrestart: epochs of the first cycle (%(default)s)")
+    g.add_argument("--t-mult", type=int, default=2, help="warmrestart: cycle growth factor (%(default)s)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="floor of cosine schedules (%(default)s)")
     g.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="label smoothing of the cross-entropy loss (default: 0)")
+                   help="label smoothing of the cross-entropy loss (default: %(default)s)")
     g.add_argument("--clip-grad", type=float, default=None,
-                   help="clip the gradient norm to this value (default: off)")
+                   help="clip the gradient norm to this value (default: %(default)s)")
     g.add_argument("--accumulate-grad-batches", type=int, default=1,
-                   help="micro-batches per optimizer step (default: 1)")
+                   help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--early-stopping-patience", *(["--patience"] if patience else []), type=int,
                    default=patience,
-                   help=f"stop after this many epochs without improvement (default: {patience or 'off'})")
+                   help="stop after this many epochs without improvement (default: %(default)s)")
     g.add_argument("--min-delta", type=float, default=0.0,
-                   help="smallest change that counts as an improvement (default: 0)")
+                   help="smallest change that counts as an improvement (default: %(default)s)")
     g.add_argument("--log-interval", type=int, default=20,
-                   help="steps between progress-bar updates (the only host syncs; default: 20)")
+                   help="steps between progress-bar updates (the only host syncs; default: %(default)s)")
     g.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
                    help="a step whose loss or gradient is NaN or infinite: stop the run, keeping the last "
                         "good checkpoint (default), or skip that step's update")
     g.add_argument("--nan-max-skips", type=int, default=10,
-                   help="with --nan-policy skip: stop once more steps than this were skipped (default: 10)")
+                   help="with --nan-policy skip: stop once more steps than this were skipped "
+                        "(default: %(default)s)")
     g.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue the run saved in this checkpoint.pth (same output folder)")
 
