@@ -156,3 +156,73 @@ def test_recovered_settings_are_saved_and_kept_on_resume(dataset, tmp_path, monk
     printed = capsys.readouterr().out
     assert "resume: micro-batch 4" in printed and "out of memory" not in printed
     assert load_checkpoint(out / "checkpoint.pth")["train_state"]["step"] == 8
+
+
+class _Injector(nn.Module):
+    """Raises one out-of-memory error at its `at`-th call: in forward, or in backward (after the
+    layers behind it already wrote their gradients), like a transient peak in the middle of a net."""
+
+    def __init__(self, at: int, where: str):
+        super().__init__()
+        self.at, self.where, self.calls, self.fired = at, where, 0, False
+
+    def forward(self, x):
+        self.calls += 1
+        fire = not self.fired and self.calls == self.at
+        self.fired |= fire
+        if fire and self.where == "forward":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected, mid-network)")
+        return _OOMInBackward.apply(x, -1 if fire else 10**9) if self.where == "backward" else x
+
+
+class _Counting(ClassificationTask):
+    """Records the sample count of the epoch's totals."""
+
+    counted = -1
+
+    def summarize(self, totals):
+        if "count" in totals:
+            type(self).counted = int(totals["count"])
+        return super().summarize(totals)
+
+
+def _mid_network_model(at: int, where: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), _Injector(at, where), nn.ReLU(),
+                         nn.Linear(16, 3))
+
+
+def _run_counting(model, data, accumulate, recovery=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = Schedule(opt, "none", epochs=1, steps_per_epoch=-(-len(data) // accumulate))
+    cfg = StepConfig(accumulate=accumulate, show_progress=False, recovery=recovery)
+    state = TrainState()
+    task = _Counting(3)
+    metrics = train_one_epoch(model, task, data, opt, schedule, make_precision(CPU, amp=False), CPU, cfg,
+                              state)
+    return cfg, state, metrics, task.counted
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("at", [2, 3, 6], ids=["2nd-of-group-1", "last-of-group-1", "last-of-group-2"])
+def test_an_error_late_in_a_group_replays_the_whole_group(where, at):
+    """--accumulate-grad-batches 3, batches of 8, an out-of-memory error on the 2nd or last micro-batch
+    of a group: the earlier micro-batches of the group are replayed at the smaller size, their partial
+    gradients are dropped first, and every sample counts once. The weights equal those of a run at
+    micro-batch 4 from the start."""
+    data = batches(6, 8)
+    messages: list[str] = []
+    model = _mid_network_model(at, where)
+    cfg, state, metrics, counted = _run_counting(model, data, 3, OOMRecovery(8, 3, messages.append))
+    assert model[2].fired and cfg.splits == 2 and state.step == 2
+    assert any("micro-batch 8 -> 4, accumulation 3 -> 6" in m for m in messages), messages
+
+    reference = _mid_network_model(10**9, where)
+    halves = [(x[i:i + 4], y[i:i + 4]) for x, y in data for i in (0, 4)]
+    _, ref_state, ref_metrics, ref_counted = _run_counting(reference, halves, 6)
+    assert ref_state.step == 2
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert counted == ref_counted == 48
+    assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5)
+    assert metrics["acc"] == pytest.approx(ref_metrics["acc"])
