@@ -91,3 +91,17 @@ def make_fake_mnist(root: Path, name: str = "FashionMNIST", train: int = 200, te
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where torch sees a CUDA device (make test-gpu)."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible)")
+    for item in marked:
+        item.add_marker(skip)
