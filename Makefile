@@ -3,6 +3,8 @@
 # make test      ruff check, then the whole test suite (installs first when .venv is missing)
 # make chaos     the fault-injection suite in full: kill -9 at 20 instants, full disks, two runs
 #                (CHAOS_KILLS=20 and CHAOS_SEED=11 by default; make test runs it with 4 kills)
+# make mutants   break the code one line at a time (tests/mutants.py) and check the tests fail
+#                (MUTANTS="dice fsync" runs only those; a few minutes for all)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHAOS_KILLS ?= 20
 CHAOS_SEED ?= 11
 
-.PHONY: install demo test chaos lint bench clean
+.PHONY: install demo test chaos mutants lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +35,9 @@ test: $(STAMP)
 
 chaos: $(STAMP)
 	CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_SEED=$(CHAOS_SEED) $(PY) -m pytest -m chaos tests/chaos
+
+mutants: $(STAMP)
+	$(PY) tests/mutants.py $(MUTANTS)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
