@@ -9,6 +9,8 @@
 Classes and preprocessing come from the checkpoint, exactly as validate.py prepares images (for
 a behaviour model: its channel columns, window length and normalisation; a long recording is
 cut into windows and gets each window's classes and their mean).
+A U-Net .pth of Pytorch-UNet (a state_dict with mask_values) runs too: its shape is read from the
+tensors; pass -s with the scale it was trained at (default 0.5, that trainer's).
 --input takes files, folders (searched recursively) and glob patterns. Files that cannot be
 read are reported (in the console and in --output) and skipped, for masks as for classes; when
 none can be read, the run ends with one error line and exit code 2.
@@ -44,7 +46,8 @@ def build_parser():
     g.add_argument("-t", "--mask-threshold", type=float, default=0.5,
                    help="probability above which a pixel is foreground, one-class models (0.5)")
     g.add_argument("-v", "--viz", action="store_true", help="also write a coloured overlay beside each mask")
-    g.add_argument("-n", "--no-save", action="store_true", help="do not write the masks")
+    g.add_argument("-n", "--no-save", action="store_true",
+                   help="write no files (neither masks nor --viz overlays); print the results only")
     g.add_argument("-c", "--classes", type=int, default=None, help="accepted, read from the checkpoint")
     g.add_argument("--bilinear", action="store_true", help="accepted, read from the checkpoint")
     add_loading_args(parser, plain_state_dict=True, img_size=None)
@@ -127,7 +130,7 @@ def write_results(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, _ = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
+    args, given = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
     if args.topk < 1 or args.batch_size < 1:
         raise UserError("--topk and --batch-size must be 1 or more")
     from common import segment_predict
@@ -142,7 +145,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return series_tools.run_predict(loaded, args, s, _results_file(args.output))
     paths = gather_inputs(args.input)
     if loaded.task == "segmentation":
-        return segment_predict.run(loaded, paths, args, s)
+        return segment_predict.run(loaded, paths, args, s, given)
     output = _results_file(args.output)
     results = predict(loaded, paths, s, args.batch_size, args.topk)
     for r in results:

@@ -7,10 +7,13 @@
 
 Images and masks pair by file stem (a mask may carry a suffix such as _mask). Mask values
 (0/1, 0/255, palettes, class indices) are found across the set and stored in the checkpoint.
-Outputs in --output (default checkpoints/): checkpoint.pth and checkpoint_epoch{N}.pth (resume),
-best_model.pth (best val Dice), training.log, metrics.csv, tensorboard/, curves.png,
-val_samples.png (input | true mask | predicted mask). On a CUDA out-of-memory error training
-turns on gradient checkpointing, then halves the micro-batch, and goes on.
+Outputs in --output (default checkpoints/): checkpoint.pth (the one resume state, for --resume),
+checkpoint_epoch{N}.pth (weights only, like best_model.pth: the last --keep-last 3 and the best
+epoch's), best_model.pth (best val Dice), training.log, metrics.csv, tensorboard/, curves.png,
+val_samples.png (image | true mask | predicted). -f/--load starts a new run from a file's weights
+(this toolkit's checkpoints or Pytorch-UNet's .pth); --resume continues a run. -s must leave the
+smallest image 16 px per side (four poolings); -b 1 works at any such size. On a CUDA
+out-of-memory error training turns on gradient checkpointing, then halves the micro-batch, and goes on.
 """
 from __future__ import annotations
 

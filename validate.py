@@ -95,7 +95,7 @@ def validate_segmentation(loaded, args, s) -> int:
 
     pairs = seg.find_pairs(Path(args.data_dir))
     seg.check_pairs(pairs, args.check_images, show_progress=True)
-    mask_values = (loaded.checkpoint or {}).get("mask_values")
+    mask_values = loaded.mask_values
     if not mask_values:
         raise UserError(f"{args.model} has no mask values; use a checkpoint written by train_unet.py")
     dataset = seg.SegmentationDataset(pairs, mask_values, loaded.preprocessing.get("scale", 0.5))

@@ -264,8 +264,9 @@ def check_header(ckpt: Any, path: str | os.PathLike, *, task: str | None = None,
         raise UserError(f"{path} is a {ckpt.get('task')} checkpoint, but this tool needs a "
                         f"{task} checkpoint")
     if need_train_state and not isinstance(ckpt.get("train_state"), dict):
-        raise UserError(f"{path} has no training state to resume from (best_model.pth and "
-                        "*_finetuned.pt hold weights only); resume from checkpoint.pth")
+        raise UserError(f"{path} has no training state to resume from (best_model.pth, "
+                        "checkpoint_epoch{N}.pth and *_finetuned.pt hold weights only); resume from "
+                        "checkpoint.pth")
 
 
 # ---------------------------------------------------------------- entries of a hand-edited file

@@ -325,7 +325,8 @@ def _typed(action: argparse.Action, value: Any, where: str) -> Any:
 def inheritable(config: Mapping[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The part of a saved config that a resumed run takes over (known keys only)."""
     actions = _dest_map(parser)
-    skip = PER_INVOCATION | MACHINE_KEYS
+    # the start weights (-f/--load, --weights) are in the checkpoint: a resume never reopens that file
+    skip = PER_INVOCATION | MACHINE_KEYS | {"load", "weights"}
     return {k: v for k, v in config.items() if k in actions and k not in skip}
 
 

@@ -69,7 +69,7 @@ def export_spec(loaded: LoadedModel, img_size: int | None) -> ExportSpec:
     if loaded.task == "segmentation":
         pre = dict(loaded.preprocessing)
         size, channels = int(img_size or 256), int(pre.get("channels", 3))
-        mask_values = (loaded.checkpoint or {}).get("mask_values", [])
+        mask_values = loaded.mask_values or []
         meta = {"mask_values": json.dumps(mask_values), "scale": str(pre.get("scale", 1.0)),
                 "img_size": str(size), "channels": str(channels),
                 "preprocessing": json.dumps(pre, sort_keys=True),

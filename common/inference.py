@@ -4,7 +4,11 @@ predict.py, export_onnx.py and test_model.py share.
 Everything comes from the checkpoint: the model (rebuilt from its spec), the task, the
 classes and the preprocessing. Files made elsewhere are accepted too: a plain state_dict
 with --arch/--num-classes, and a whole pickled model only with --trust-checkpoint (the flags
-of cli.add_loading_args, which every such tool takes).
+of cli.add_loading_args, which every such tool takes). A U-Net state_dict in Pytorch-UNet's
+layout (the guide's own trainer: module names inc, down1..4, up1..4, outc, and an optional
+`mask_values` list beside the tensors) needs no flag: the U-Net's classes, upsampling and width
+are read from its tensors, the mask values from the file; its scale is not recorded (0.5, the
+trainer's default, unless the tool's -s says otherwise).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class LoadedModel:
     spec: dict[str, Any] | None
     checkpoint: dict[str, Any] | None = None  # None for files made elsewhere
     notes: list[str] = field(default_factory=list)
+    mask_values: list[Any] | None = None  # segmentation: the mask value of each class index
 
     @property
     def num_classes(self) -> int | None:
@@ -53,6 +58,12 @@ def load_for_inference(path: str | Path, device: torch.device, *, tasks: Sequenc
         return _from_checkpoint(raw, file, device, tasks)
     if isinstance(raw, nn.Module):
         return _from_module(raw, file, device, num_classes, img_size)
+    unet = unet_state_dict(raw)
+    if unet is not None:
+        if "segmentation" not in tasks:
+            raise UserError(f"{file} is a U-Net (segmentation) state_dict, but this tool handles "
+                            f"{' or '.join(tasks)} models")
+        return _from_unet_state_dict(*unet, file, device, arch, num_classes)
     return _from_state_dict(raw, file, device, arch, num_classes, img_size)
 
 
@@ -66,7 +77,8 @@ def _from_checkpoint(ckpt: dict[str, Any], file: Path, device: torch.device,
     model = model_from_spec(ckpt["model"], where=f"checkpoint {file}")
     load_state_dict_checked(model, ckpt["state_dict"], str(file))
     return LoadedModel(model.to(device).eval(), task, file, list(ckpt.get("classes") or []) or None,
-                       dict(ckpt.get("preprocessing") or {}), dict(ckpt["model"]), ckpt)
+                       dict(ckpt.get("preprocessing") or {}), dict(ckpt["model"]), ckpt,
+                       mask_values=ckpt.get("mask_values"))
 
 
 def _from_module(model: nn.Module, file: Path, device: torch.device, num_classes: int | None,
@@ -75,6 +87,78 @@ def _from_module(model: nn.Module, file: Path, device: torch.device, num_classes
     note = "a whole pickled model (loaded with --trust-checkpoint); classes and preprocessing unknown"
     return LoadedModel(model.to(device).eval(), "classification", file, classes,
                        preprocessing(img_size, IMAGENET_MEAN, IMAGENET_STD), None, None, [note])
+
+
+UNET_KEYS = ("inc.double_conv.0.weight", "outc.conv.weight")  # Pytorch-UNet's first and last layers
+UNET_SCALE = 0.5  # Pytorch-UNet's default --scale
+
+
+def unet_state_dict(raw: Any) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """(tensors, mask values or None) of a U-Net state_dict in Pytorch-UNet's layout, the tensors
+    possibly under "state_dict"/"model_state_dict"/"model" and with DDP or compile prefixes;
+    None for any other file."""
+    if not isinstance(raw, dict):
+        return None
+    nested = [raw[k] for k in ("state_dict", "model_state_dict", "model") if isinstance(raw.get(k), dict)]
+    inner = nested[0] if nested else raw
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in inner.items()
+             if isinstance(k, str) and torch.is_tensor(v)}
+    if not all(torch.is_tensor(state.get(k)) for k in UNET_KEYS):
+        return None
+    return state, inner.get("mask_values", raw.get("mask_values"))
+
+
+def unet_shape(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The U-Net's constructor arguments as its tensors give them: classes (outc's outputs), input
+    channels and width (inc's first convolution), bilinear (no transposed-conv weights in up1)."""
+    first, last = state[UNET_KEYS[0]], state[UNET_KEYS[1]]
+    return {"num_classes": int(last.shape[0]), "in_chans": int(first.shape[1]), "base": int(first.shape[0]),
+            "bilinear": "up1.up.weight" not in state}
+
+
+def _mask_values(values: Any, classes: int, file: Path) -> tuple[list[Any], list[str]]:
+    """The file's mask values, checked against the U-Net's classes (2 values for one output
+    channel); class indices 0..N-1 where the file has none (Pytorch-UNet's predict does the same)."""
+    count = max(2, classes)
+    if values is None:
+        return list(range(count)), [f"no mask_values in the file: masks are written as class indices "
+                                    f"0..{count - 1}"]
+    def plain(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = isinstance(values, list | tuple) and all(
+        plain(v) or (isinstance(v, list | tuple) and len(v) == 3 and all(plain(c) and c <= 255 for c in v))
+        for v in values)
+    if not ok:
+        raise UserError(f"{file}: 'mask_values' should be a list of the masks' pixel values (e.g. [0, 255]), "
+                        f"got {str(values)[:80]}; fix the entry or remove it")
+    if len(values) != count:
+        raise UserError(f"{file}: 'mask_values' has {len(values)} values but the U-Net has {classes} output "
+                        f"channel(s), which need {count}; the entry does not belong to these weights")
+    return [list(v) if isinstance(v, list | tuple) else int(v) for v in values], []
+
+
+def _from_unet_state_dict(state: dict[str, torch.Tensor], values: Any, file: Path, device: torch.device,
+                          arch: str | None, num_classes: int | None) -> LoadedModel:
+    """A Pytorch-UNet state_dict as a segmentation model: shape from the tensors, mask values from the
+    file, preprocessing as that trainer's (no normalisation, scale 0.5 unless -s is given)."""
+    from .data.segmentation import preprocessing as seg_preprocessing
+
+    shape = unet_shape(state)
+    in_chans = shape.pop("in_chans")
+    model, spec = build_model("unet", shape.pop("num_classes"), in_chans=in_chans, **shape)
+    load_state_dict_checked(model, state, str(file))
+    classes = spec["kwargs"]["num_classes"]
+    mask_values, notes = _mask_values(values, classes, file)
+    upsampling = "bilinear" if shape["bilinear"] else "transposed-conv"
+    notes.insert(0, f"a U-Net state_dict (Pytorch-UNet layout), read from its tensors as {classes} output "
+                    f"channel(s), {upsampling} upsampling, width {shape['base']}; mask values {mask_values}; "
+                    f"its scale is not recorded: {UNET_SCALE} unless -s is given")
+    ignored = [flag for flag, value in (("--arch", arch), ("--num-classes", num_classes)) if value]
+    if ignored:
+        notes.append(f"{', '.join(ignored)} ignored: the U-Net's shape is read from {file}")
+    return LoadedModel(model.to(device).eval(), "segmentation", file, [str(v) for v in mask_values],
+                       seg_preprocessing(UNET_SCALE, in_chans), spec, None, notes, mask_values=mask_values)
 
 
 def _from_state_dict(raw: Any, file: Path, device: torch.device, arch: str | None,

@@ -295,3 +295,31 @@ def _discard(tmp: Path) -> None:
     """The temporary file of a write that failed (what it replaces is untouched)."""
     with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
+
+
+def plot_sample_grid(rows: Sequence[Sequence[Any]], path: Path, titles: Sequence[str],
+                     panel_px: int = 240) -> None:
+    """A grid of pictures (rows of HxWx3 uint8 arrays, e.g. image | true mask | predicted) with one
+    title per column, each panel about panel_px pixels on its shorter side (at most 2.5 times that on
+    the longer one) whatever the pictures' own size (small ones are enlarged without smoothing), as a
+    PNG written atomically."""
+    if not rows:
+        return
+    plt = _pyplot()
+    height, width = rows[0][0].shape[:2]
+    inch = panel_px / 100  # _save writes at 100 dpi
+    aspect = min(max(height / max(width, 1), 0.4), 2.5)
+    panel_w, panel_h = (inch / aspect, inch) if aspect <= 1 else (inch, inch * aspect)
+    cols = len(rows[0])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * panel_w + 0.2, len(rows) * panel_h + 0.5),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])  # the frame stays: a white mask beside a white mask keeps its edge
+            if r == 0 and c < len(titles):
+                ax.set_title(titles[c], fontsize=12)
+    fig.tight_layout(pad=0.3)
+    _save(fig, path)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,54 @@ _OPEN: set[BackgroundSaver] = set()  # savers with a writer thread that were not
 def atomic_write(obj: Any, path: str | os.PathLike) -> Write:
     """The write `checkpoint.atomic_save(obj, path)`, labelled with its path, for submit()."""
     return str(path), partial(atomic_save, obj, path)
+
+
+# ---------------------------------------------------------------- epoch checkpoints
+
+EPOCH_FILE = "checkpoint_epoch{}.pth"
+
+
+def without_train_state(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's weights and metadata, without the train state (optimizer, schedule, RNG):
+    what best_model.pth and checkpoint_epoch{N}.pth hold, about the size of the weights. The
+    tensors are the payload's own (no copy)."""
+    return {k: v for k, v in payload.items() if k != "train_state"}
+
+
+def epoch_number(path: Path) -> int | None:
+    """N of checkpoint_epoch{N}.pth, None for other names."""
+    digits = path.name.removeprefix("checkpoint_epoch").removesuffix(".pth")
+    if path.name.startswith("checkpoint_epoch") and path.name.endswith(".pth") and digits.isdigit():
+        return int(digits)
+    return None
+
+
+def prune_epoch_checkpoints(folder: Path, keep_last: int, keep: Sequence[int] = ()) -> list[Path]:
+    """Delete the checkpoint_epoch{N}.pth files of `folder` but the last keep_last (0: delete none)
+    and those of the epochs in `keep` (the best epoch's). Returns the deleted paths."""
+    if keep_last <= 0:
+        return []
+    numbered = sorted((n, p) for p in folder.glob("checkpoint_epoch*.pth")
+                      if (n := epoch_number(p)) is not None)
+    old = [p for n, p in numbered[:-keep_last] if n not in set(keep)]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+def epoch_checkpoint_write(payload: dict[str, Any], folder: Path, epoch: int, keep_last: int,
+                           best_epoch: int | None = None) -> Write:
+    """For submit(): checkpoint_epoch{epoch}.pth with the payload's weights and metadata only (the
+    resume state is checkpoint.pth alone), written atomically; then the epoch files beyond the last
+    keep_last are deleted, never the best epoch's (keep_last 0 keeps every one)."""
+    path = folder / EPOCH_FILE.format(epoch)
+    light = without_train_state(payload)
+
+    def write() -> None:
+        atomic_save(light, path)
+        prune_epoch_checkpoints(folder, keep_last, () if best_epoch is None else (best_epoch,))
+
+    return str(path), write
 
 
 class BackgroundSaver:

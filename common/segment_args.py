@@ -24,12 +24,14 @@ def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--bilinear", action="store_true", help="bilinear upsampling (default: transposed conv)")
     m.add_argument("--width", type=int, default=64, help="channels of the first U-Net block (default: 64)")
     m.add_argument("-f", "--load", metavar="PATH",
-                   help="start from weights: a checkpoint of this toolkit or another U-Net trainer's .pth")
+                   help="start a new run (epoch 1) from weights: a checkpoint of this toolkit or a "
+                        "Pytorch-UNet .pth; to continue a run use --resume")
     add_loading_args(m, plain_state_dict=False)  # for -f/--load and --resume
     o = parser.add_argument_group("output")
     o.add_argument("--output", default="checkpoints/", help="output folder (default: checkpoints/)")
-    o.add_argument("--keep-last", type=int, default=0,
-                   help="keep only the last K checkpoint_epoch{N}.pth files (default: 0, keep all)")
+    o.add_argument("--keep-last", type=int, default=3,
+                   help="checkpoint_epoch{N}.pth files (weights only, as best_model.pth) to keep: the last K "
+                        "and the best epoch's (default: 3; 0 keeps all)")
     add_training_args(parser, batch_size=1, epochs=5, lr=1e-5, short_flags=True)
     parser.set_defaults(early_stopping_patience=10, min_delta=0.001, weight_decay=1e-8)
     add_device_args(parser)

@@ -1,9 +1,10 @@
 """Masks from a segmentation checkpoint: what predict.py does for U-Net models. Masks are
 written at the original image size with the original mask values (a 0/1 set stays 0/1), and
---viz writes a visible overlay beside each mask, so a mask never looks "all black" by surprise."""
+--viz writes a visible overlay beside each mask, so a mask never looks "all black" by surprise.
+--no-save writes no file at all (neither masks nor overlays): the console lines remain."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,28 @@ def overlay(image: Image.Image, index: np.ndarray) -> Image.Image:
     return Image.fromarray(mixed.astype(np.uint8))
 
 
-def run(loaded: LoadedModel, inputs: Sequence[Path], args, s) -> int:
+def notices(loaded: LoadedModel, args, given: Collection[str] = ()) -> list[str]:
+    """What the flags do not do for this model, said once before the first image: -t with a
+    softmax model (argmax decides, no threshold), --viz with --no-save (nothing is written)."""
+    lines = []
+    channels = (loaded.spec or {}).get("kwargs", {}).get("num_classes")
+    if "mask_threshold" in given and channels is not None and channels > 1:
+        lines.append(f"notice: -t/--mask-threshold {args.mask_threshold:g} is not used: {loaded.path} has "
+                     f"{channels} output channels (one per class) and each pixel takes the most likely "
+                     "class; a threshold applies to one-channel models (train_unet.py -c 1)")
+    if args.no_save and args.viz:
+        lines.append("notice: -n/--no-save writes no files, the overlays of -v/--viz neither; drop -n to "
+                     "write the masks and their overlays")
+    return lines
+
+
+def run(loaded: LoadedModel, inputs: Sequence[Path], args, s, given: Collection[str] = ()) -> int:
     """A mask (and overlay) per readable input; an unreadable one is listed and skipped. Exit 0 when
-    at least one image was predicted; none is a UserError."""
+    at least one image was predicted; none is a UserError. given: the flags typed on the command line."""
     check_flags(loaded, args.classes, args.bilinear)
-    mask_values = loaded.checkpoint["mask_values"] if loaded.checkpoint else [0, 255]
+    for line in notices(loaded, args, given):
+        s.log(line)
+    mask_values = loaded.mask_values or [0, 255]
     scale = args.scale if args.scale is not None else loaded.preprocessing.get("scale", 0.5)
     channels = loaded.preprocessing.get("channels", 3)
     targets = output_paths(inputs, args.output)
@@ -100,7 +118,7 @@ def _write_outputs(path: Path, target: Path, original: Image.Image, index: np.nd
         mask = Image.fromarray(seg.index_to_mask(index, mask_values))
         write_atomically(target, lambda fh: mask.save(fh, format=_format(target)), binary=True)
         line += f" -> {target}"
-    if args.viz:
+    if args.viz and not args.no_save:
         viz = target.with_name(f"{target.stem}_viz.png")
         picture = overlay(original, index)
         write_atomically(viz, lambda fh: picture.save(fh, format="PNG"), binary=True)

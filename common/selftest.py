@@ -301,7 +301,7 @@ def _segmentation_eval(run: Run) -> Result:
 
     args = run.args
     pairs = seg.find_pairs(Path(args.data_dir))[: args.batches * args.batch_size]
-    dataset = seg.SegmentationDataset(pairs, run.loaded.checkpoint["mask_values"],
+    dataset = seg.SegmentationDataset(pairs, run.loaded.mask_values,
                                       run.loaded.preprocessing.get("scale", 0.5))
     loader = make_loader(dataset, args.batch_size, train=False, num_workers=0, pin_memory=False)
     task = SegmentationTask(run.num_classes)

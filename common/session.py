@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from .reporting import (
     setup_logging,
     write_metrics_csv,
 )
-from .saver import BackgroundSaver, atomic_write
+from .saver import BackgroundSaver, atomic_write, epoch_checkpoint_write
 
 RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
              "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png", "val_samples.png",
@@ -154,7 +153,8 @@ class EpochWriter:
                  keep_last: int | None = None, extra_output: Callable | None = None,
                  best_name: str = "best_model.pth", tb_dir: Path | None = None,
                  baseline: dict[str, float] | None = None, ema: Any = None):
-        """keep_last: also keep checkpoint_epoch{N}.pth, the last K of them (0: all).
+        """keep_last: also write checkpoint_epoch{N}.pth (weights and metadata, no train state) and
+        keep the last K of them and the best epoch's (0: all; None: none).
         extra_output(state, tensorboard): task-specific output after each epoch (rank 0).
         best_name: file name of the best model in the output folder; tb_dir: TensorBoard folder
         (default: OUTPUT/tensorboard); baseline: val metrics before training, shown in curves.png."""
@@ -180,7 +180,7 @@ class EpochWriter:
             # One host copy of everything the writes need; training goes on while they run.
             snap = self._saving(self.saver.snapshot, {"checkpoint": payload, "best": best,
                                                       "history": state.history})
-            self._saving(self.saver.submit, self._writes(snap, state.epoch, plot))
+            self._saving(self.saver.submit, self._writes(snap, state.epoch, plot, state.best_epoch))
             if plot:
                 self.plotted = time.monotonic()
             if self.tb is None:
@@ -192,15 +192,15 @@ class EpochWriter:
             self.s.log(format_epoch(record, self.epochs, improved))
         barrier()
 
-    def _writes(self, snap: dict[str, Any], epoch: int, plot: bool) -> list:
-        """In this order: the best model before the checkpoint that names it, the epoch copy of that
-        checkpoint, metrics.csv, curves.png."""
+    def _writes(self, snap: dict[str, Any], epoch: int, plot: bool, best_epoch: int | None = None) -> list:
+        """In this order: the best model before the checkpoint that names it, the epoch's weights file,
+        metrics.csv, curves.png."""
         out = self.s.output
         writes = [atomic_write(snap["best"], out / self.best_name)] if snap["best"] is not None else []
         writes.append(atomic_write(snap["checkpoint"], out / "checkpoint.pth"))
         writes.append(("(noting the save)", lambda: note_checkpoint(out / "checkpoint.pth", epoch)))
         if self.keep_last is not None:
-            writes.append((str(out / f"checkpoint_epoch{epoch}.pth"), lambda: self._epoch_copy(epoch)))
+            writes.append(epoch_checkpoint_write(snap["checkpoint"], out, epoch, self.keep_last, best_epoch))
         writes.append((str(out / "metrics.csv"),
                        lambda: write_metrics_csv(snap["history"], out / "metrics.csv")))
         if plot:
@@ -234,18 +234,6 @@ class EpochWriter:
             last = self.s.output / "checkpoint.pth"
             needed = last.stat().st_size if last.is_file() else None
             raise save_failure(exc, self.s.output, needed) from None
-
-    def _epoch_copy(self, epoch: int) -> None:
-        """checkpoint_epoch{N}.pth (a resumable copy), pruned to the last keep_last files."""
-        out = self.s.output
-        tmp = out / f".checkpoint_epoch{epoch}.pth.copy.tmp"
-        shutil.copyfile(out / "checkpoint.pth", tmp)
-        os.replace(tmp, out / f"checkpoint_epoch{epoch}.pth")
-        if self.keep_last:
-            copies = sorted(out.glob("checkpoint_epoch*.pth"),
-                            key=lambda p: int(p.stem.removeprefix("checkpoint_epoch") or 0))
-            for old in copies[: -self.keep_last]:
-                old.unlink(missing_ok=True)
 
     def _payload(self, metrics, config, train_state, model: nn.Module | None = None) -> dict[str, Any]:
         return ckpt_lib.make_payload(model or self.model, task=self.task, model_spec=self.spec,

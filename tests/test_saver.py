@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from common import checkpoint as ck
-from common.saver import BackgroundSaver, atomic_write
+from common.saver import BackgroundSaver, atomic_write, epoch_checkpoint_write, prune_epoch_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD_S = 20  # an event wait that would only expire if the code under test were broken (deadlock guard)
@@ -285,3 +285,31 @@ def test_round_trip_with_atomic_save_and_no_temp_files(tmp_path):
     resumed = ck.load_checkpoint(tmp_path / "checkpoint.pth", need_train_state=True)
     assert torch.equal(resumed["train_state"]["optimizer"]["state"][0]["exp_avg"], expected_avg)
     assert not torch.equal(opt.state_dict()["state"][0]["exp_avg"], expected_avg)  # it did move on
+
+
+# ---------------------------------------------------------------- epoch checkpoints
+
+def test_epoch_checkpoint_holds_weights_only_and_keeps_the_last_k_and_the_best(tmp_path):
+    """checkpoint_epoch{N}.pth: the payload without its train state (about the weights' size); the
+    files beyond the last keep_last go, except the best epoch's; other files are never touched."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    payload = ck.make_payload(model, task="segmentation", model_spec={"name": "m", "source": "local"},
+                              meta={"mask_values": [0, 255]}, metrics={"val_dice": 0.5}, config={},
+                              train_state={"optimizer": opt.state_dict(), "epoch": 1})
+    (tmp_path / "checkpoint_epoch_notes.pth").write_text("not ours")
+    saver = BackgroundSaver(enabled=False)
+    for epoch in range(1, 7):
+        saver.submit([epoch_checkpoint_write(payload, tmp_path, epoch, keep_last=3, best_epoch=2)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint_epoch2.pth", "checkpoint_epoch4.pth", "checkpoint_epoch5.pth",
+                     "checkpoint_epoch6.pth", "checkpoint_epoch_notes.pth"]
+    light = ck.load_checkpoint(tmp_path / "checkpoint_epoch6.pth", task="segmentation")
+    assert "train_state" not in light and light["mask_values"] == [0, 255]
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = (tmp_path / "checkpoint_epoch6.pth").stat().st_size
+    assert weights <= size <= weights + 16_384
+    assert prune_epoch_checkpoints(tmp_path, 0) == []  # 0 keeps every file
+    assert len(prune_epoch_checkpoints(tmp_path, 1)) == 3 and (tmp_path / "checkpoint_epoch6.pth").is_file()

@@ -144,3 +144,23 @@ def test_state_dict_keys_do_not_change_with_checkpointing():
     fresh.load_state_dict(model.state_dict())  # strict: same keys either way
     model.set_grad_checkpointing(False)
     assert list(model.state_dict()) == list(before)
+
+
+def test_batch_one_trains_at_a_one_pixel_bottleneck():
+    """The guide's -b 1 -s 0.25 on 64 px images: 16x16 inputs reach the bottleneck as 1x1 maps, one
+    value per channel, where nn.BatchNorm2d raises "Expected more than 1 value per channel". The
+    U-Net's batch norm normalises such a batch with its running statistics and leaves them alone."""
+    torch.manual_seed(0)
+    model = UNet(num_classes=2, bilinear=True, base=4).train()
+    bottleneck = model.down4.maxpool_conv[1].double_conv[1]
+    first = model.inc.double_conv[1]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        torch.nn.BatchNorm2d(bottleneck.num_features).train()(torch.rand(1, bottleneck.num_features, 1, 1))
+    x, y = torch.rand(1, 3, 16, 16), torch.randint(0, 2, (1, 16, 16))
+    logits = _train_step(model, x, y)
+    assert logits.shape == (1, 2, 16, 16) and torch.isfinite(logits).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.equal(bottleneck.running_mean, torch.zeros_like(bottleneck.running_mean))
+    assert not torch.equal(first.running_mean, torch.zeros_like(first.running_mean))  # 256 values there
+    _train_step(model, torch.rand(1, 3, 32, 16), torch.randint(0, 2, (1, 32, 16)))  # 2x1 bottleneck
+    assert not torch.equal(bottleneck.running_mean, torch.zeros_like(bottleneck.running_mean))

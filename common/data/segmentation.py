@@ -18,6 +18,7 @@ one is background (index 0), the higher one foreground (index 1).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -211,8 +212,9 @@ def discover_mask_values(mask_paths: Sequence[str], show_progress: bool = True) 
     return _merge(_in_threads(_unique_of_file, list(mask_paths), "reading mask values", show_progress))
 
 
-def _inspect_pair(pair: Pair, mode: str) -> tuple[str | None, tuple[bool, np.ndarray] | None]:
-    """(problem, None) or (None, the mask's distinct values)."""
+def _inspect_pair(pair: Pair, mode: str) -> tuple[str | None, tuple[bool, np.ndarray] | None,
+                                                 tuple[int, int] | None]:
+    """(problem, None, None) or (None, the mask's distinct values, the upright image size)."""
     image_path, mask_path = pair
     why = check_image(image_path, mode) if mode != "off" else None
     if why is None:
@@ -222,14 +224,14 @@ def _inspect_pair(pair: Pair, mode: str) -> tuple[str | None, tuple[bool, np.nda
         except DECODE_ERRORS as exc:
             why = f"cannot be decoded ({describe_error(exc)})"
     if why is not None:
-        return f"image {image_path}: {why}", None
+        return f"image {image_path}: {why}", None, None
     mask = _decode_mask(mask_path)
     if isinstance(mask, str):
-        return f"mask {mask_path}: {mask}", None
+        return f"mask {mask_path}: {mask}", None, None
     mask_size = (mask.shape[1], mask.shape[0])
     if mask_size != image_size:
-        return _size_problem(image_path, image_size, mask_path, mask_size), None
-    return None, _unique(mask)
+        return _size_problem(image_path, image_size, mask_path, mask_size), None, None
+    return None, _unique(mask), image_size
 
 
 def _size_problem(image_path: str, image_size: tuple[int, int], mask_path: str,
@@ -241,16 +243,55 @@ def _size_problem(image_path: str, image_size: tuple[int, int], mask_path: str,
 def check_pairs(pairs: Sequence[Pair], check: str = "fast", show_progress: bool = True) -> list[MaskValue]:
     """Check every pair (image decodes with check_image's `check` mode, mask decodes, same size)
     and return the sorted mask values. Problems are gathered and raised as one UserError."""
+    return inspect_pairs(pairs, check, show_progress)[0]
+
+
+def inspect_pairs(pairs: Sequence[Pair], check: str = "fast", show_progress: bool = True
+                  ) -> tuple[list[MaskValue], list[tuple[int, int]]]:
+    """check_pairs' mask values, and the (width, height) of each image as loading gives it
+    (upright), in the order of `pairs`: one pass over the files for both."""
     if not pairs:
         raise UserError("no image/mask pairs to check")
     results = _in_threads(lambda p: _inspect_pair(p, check), list(pairs), "checking images and masks",
                           show_progress)
-    problems = [why for why, _ in results if why is not None]
+    problems = [why for why, _, _ in results if why is not None]
     if problems:
         raise UserError(f"{len(problems)} of {len(results)} image/mask pairs are unusable: "
                         f"{_listing(problems)}; fix or remove them (an image and its mask must both "
                         "decode and have the same width and height)")
-    return _merge([values for _, values in results])
+    return _merge([values for _, values, _ in results]), [size for _, _, size in results]
+
+
+def smallest_scale(side: int, minimum: int) -> float | None:
+    """The smallest -s (two decimals) that scales a side of `side` pixels to `minimum` or more
+    (scaled_size rounds down); None when even -s 1 leaves it smaller."""
+    if side < minimum:
+        return None
+    scale = math.ceil(100 * minimum / side) / 100
+    while scaled_size((side, side), scale)[0] < minimum:
+        scale = round(scale + 0.01, 2)
+    return min(scale, 1.0)
+
+
+def check_min_size(pairs: Sequence[Pair], sizes: Sequence[tuple[int, int]], scale: float,
+                   minimum: int, network: str) -> None:
+    """Every image, scaled by -s, must keep `minimum` pixels per side (a U-Net's four poolings);
+    otherwise one UserError naming the smallest image and the smallest -s that works for all."""
+    if not sizes:
+        return
+    index = min(range(len(sizes)), key=lambda i: min(sizes[i]))
+    width, height = sizes[index]
+    scaled = scaled_size((width, height), scale)
+    if min(scaled) >= minimum:
+        return
+    image = pairs[index][0]
+    needed = smallest_scale(min(width, height), minimum)
+    if needed is None:
+        raise UserError(f"image {image} is {width}x{height} pixels, smaller than the {minimum}x{minimum} "
+                        f"that {network} needs even at -s 1; remove it and its mask, or use larger images")
+    raise UserError(f"-s {scale:g} scales image {image} ({width}x{height}) to {scaled[0]}x{scaled[1]} "
+                    f"pixels, below the {minimum}x{minimum} that {network} needs; pass -s {needed:g} or "
+                    "more (the smallest scale that works for these images)")
 
 
 def check_classes(mask_values: Sequence[MaskValue], classes: int) -> None:

@@ -3,10 +3,12 @@
 Four downsampling steps (max pool + two 3x3 conv-BN-ReLU), four upsampling steps (bilinear
 upsampling, or a transposed convolution) that concatenate the encoder's feature map of the
 same scale, and a 1x1 convolution to `num_classes` logits at the input's resolution. Inputs
-of any size of at least 16 pixels per side work: odd sizes are padded back to the skip's size.
+of any size of at least 16 pixels per side work (MIN_SIZE: four 2x2 poolings leave one pixel), at any
+batch size, 1 included: odd sizes are padded back to the skip's size.
 
 The module names (inc, down1..4, up1..4, outc, double_conv, maxpool_conv) are those of
-Pytorch-UNet, so its published state_dicts load with --weights.
+Pytorch-UNet, so its state_dicts load with train_unet.py -f, and run in predict.py, validate.py,
+export_onnx.py and test_model.py (common/inference.py reads the U-Net's shape from the tensors).
 
 `set_grad_checkpointing()` (timm's switch) recomputes every double-conv block in the backward
 pass instead of keeping its activations: less memory, about a third more compute. Batch-norm
@@ -27,6 +29,20 @@ from ..errors import UserError
 MIN_SIZE = 16  # four 2x2 poolings
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same state_dict) that also trains on one value per channel: batch 1 at a
+    1x1 map, the bottleneck of an input side of 16-31 pixels. Batch statistics do not exist
+    there (nn.BatchNorm2d raises "Expected more than 1 value per channel"), so such a batch is
+    normalised with the running statistics, which it leaves as they are. The test is on the shape
+    only: no host synchronisation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats and x.numel() == x.shape[1]:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class DoubleConv(nn.Module):
     """(3x3 conv -> batch norm -> ReLU) twice."""
 
@@ -35,9 +51,9 @@ class DoubleConv(nn.Module):
         mid = mid_channels or out_channels
         self.double_conv = nn.Sequential(
             nn.Conv2d(in_channels, mid, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+            BatchNorm2d(mid), nn.ReLU(inplace=True),
             nn.Conv2d(mid, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+            BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.double_conv(x)
