@@ -116,6 +116,10 @@ def validate_segmentation(loaded, args, s) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
+    if not Path(args.data_dir).exists():  # before the model loads: say which folder, and what is there
+        from common.data.images import missing_folder_error
+
+        raise missing_folder_error(Path(args.data_dir), typed=args.data_dir)
     import torch
 
     from common.data.images import ImageDataset, eval_transform

@@ -111,7 +111,7 @@ def test_static_batch_and_old_opset(trained, tmp_path, capfd):
 
 def test_resnet18_with_img_size_override(tmp_path, capsys):
     """A torchvision model; --img-size replaces the checkpoint's 64 with 32 in graph and metadata."""
-    model, spec = models_mod.build_model("resnet18", 3)
+    model, spec = models_mod.build_model("torchvision/resnet18", 3)
     payload = make_payload(model, task="classification", model_spec=spec,
                            meta={"classes": ["a", "b", "c"], "preprocessing": preprocessing(64)},
                            metrics={}, config={})

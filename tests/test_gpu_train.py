@@ -214,9 +214,28 @@ def test_pretrained_offline_is_a_clear_error(dataset, tmp_path, capsys, monkeypa
                         lambda name, weights=None, **kw: offline() if weights else None)
     capsys.readouterr()
     assert gpu_train.main(["--data-dir", str(dataset), "--output", str(tmp_path / "o"), "--model",
-                           "resnet18", "--pretrained", "--num-workers", "0"]) == 2
+                           "torchvision/resnet18", "--pretrained", "--num-workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not get pretrained weights for resnet18") and "--weights" in err
+
+
+def test_pretrained_timm_offline_is_a_clear_error(dataset, tmp_path, capsys, monkeypatch):
+    """A bare name of the guide's table is timm's; its weights come from the Hugging Face hub."""
+    timm = pytest.importorskip("timm")
+    real = timm.create_model
+
+    def create(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise FileNotFoundError("An error happened while trying to locate the file on the Hub")
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create)
+    capsys.readouterr()
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(tmp_path / "o"), "--model",
+                           "efficientnet_b0", "--pretrained", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not get pretrained weights for efficientnet_b0")
+    assert "--weights" in err
 
 
 def test_worker_processes_with_spawn_as_on_windows(dataset, tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ def test_build_local_model_and_spec():
 
 
 def test_build_torchvision_model():
-    model, spec = build_model("resnet18", 3)
+    model, spec = build_model("torchvision/resnet18", 3)
     assert spec == {"name": "resnet18", "source": "torchvision", "kwargs": {"num_classes": 3}}
     assert model.fc.out_features == 3
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_build_torchvision_model():
 
 def test_torchvision_refuses_other_channel_counts():
     with pytest.raises(UserError, match="timm"):
-        build_model("resnet18", 3, in_chans=1)
+        build_model("torchvision/resnet18", 3, in_chans=1)
 
 
 def test_build_timm_model():
@@ -55,8 +55,10 @@ def test_build_timm_model():
 
 def test_find_source_order():
     assert find_source("small_cnn") == "local"
-    assert find_source("resnet18") == "torchvision"  # torchvision wins over timm's resnet18
+    assert find_source("vit_b_16") == "torchvision"  # only torchvision has it
+    assert find_source("torchvision/resnet18") == "torchvision"
     pytest.importorskip("timm")
+    assert find_source("resnet18") == "timm"  # timm wins over torchvision's (guide 000 is a timm guide)
     assert find_source("resnet10t") == "timm"
 
 
@@ -90,7 +92,7 @@ def test_bad_spec_source_and_name():
 @pytest.mark.parametrize("name, kwargs", [
     ("small_cnn", {"in_chans": 1}),
     ("tiny_mlp", {}),
-    ("resnet18", {}),
+    ("torchvision/resnet18", {}),
     ("resnet10t", {"in_chans": 2}),
 ])
 def test_model_from_spec_rebuilds_the_same_architecture(name, kwargs):
@@ -116,7 +118,7 @@ def test_replace_head():
     assert torch.equal(model.features[0][0].weight, body)
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
 
-    resnet, _ = build_model("resnet18", 1000)  # torchvision: the head is .fc
+    resnet, _ = build_model("torchvision/resnet18", 1000)  # torchvision: the head is .fc
     fc = resnet.fc
     replace_head(resnet, 1000)  # same size: the trained head is kept
     assert resnet.fc is fc

@@ -211,3 +211,30 @@ def test_non_finite_weights_are_named_in_validate_and_predict(trained, tmp_path,
     code, out, _ = run_tool(validate, ["--model", str(trained["best"]), "--data-dir", str(trained["val"]),
                                        "--output-dir", str(tmp_path)], capsys)
     assert code == 0 and "warning:" not in out
+
+
+def test_missing_test_folder_suggests_val_beside_it(trained, tmp_path, capsys, monkeypatch):
+    """The guide's `--data-dir ./dataset/test` on a set with train/ and val/ only."""
+    import shutil
+
+    shutil.copytree(trained["data"], tmp_path / "dataset")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_tool(validate, ["--model", str(trained["best"]), "--data-dir", "./dataset/test",
+                                         "--output-dir", "first"], capsys)
+    assert code == 2
+    assert error_line(err) == ("error: data folder ./dataset/test does not exist (./dataset holds val/, "
+                               "train/); to use val/ instead, pass --data-dir ./dataset/val")
+    assert not (tmp_path / "first").exists()  # refused before any output
+    # and the folder it names works
+    code, out, _ = run_tool(validate, ["--model", str(trained["best"]), "--data-dir", "./dataset/val",
+                                       "--output-dir", "report", "--num-workers", "0"], capsys)
+    assert code == 0 and "images: 8" in out
+
+
+def test_missing_data_folder_without_splits_beside_it(trained, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "test"
+    code, _, err = run_tool(validate, ["--model", str(trained["best"]), "--data-dir", str(missing)], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert f"data folder {missing} does not exist; pass --data-dir with one folder per class" in line
+    assert "instead" not in line

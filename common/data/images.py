@@ -46,12 +46,37 @@ def class_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# Split folders a data set may hold, in the order a missing one's stand-in is suggested.
+SPLIT_NAMES = ("test", "val", "valid", "validation", "train")
+
+
+def missing_folder_error(root: Path, flag: str = "--data-dir", typed: str | None = None) -> UserError:
+    """A data folder that does not exist: which one, and the split folders beside it when there are
+    some (the guide's `--data-dir ./dataset/test` on a set with train/ and val/ only). typed: the
+    folder as the user wrote it, so that the suggestion keeps its spelling (./dataset/val)."""
+    parent = root.parent
+    siblings = []
+    if parent.is_dir():
+        siblings = [name for name in SPLIT_NAMES if name != root.name and (parent / name).is_dir()]
+    if not siblings:
+        return UserError(f"data folder {root} does not exist; pass {flag} with one folder per class "
+                         "(e.g. dataset/train/cat/*.jpg)")
+    held = ", ".join(f"{name}/" for name in siblings)
+    best = next((n for n in SPLIT_NAMES if n in siblings and n != "train"), siblings[0])
+    shown, where, suggestion = str(root), str(parent), str(parent / best)
+    bare = (typed or "").rstrip("/\\")
+    if typed and Path(bare) == root and bare.endswith(root.name):
+        head = bare[: len(bare) - len(root.name)]
+        shown, where, suggestion = typed, head.rstrip("/\\") or ".", head + best
+    return UserError(f"data folder {shown} does not exist ({where} holds {held}); to use {best}/ "
+                     f"instead, pass {flag} {suggestion}")
+
+
 def scan_class_folders(root: Path, classes: Sequence[str] | None = None
                        ) -> tuple[list[str], list[Sample]]:
     """Classes (sorted folder names, or the given order) and (path, label) samples."""
     if not root.exists():
-        raise UserError(f"data folder {root} does not exist; pass --data-dir with one folder "
-                        "per class (e.g. dataset/train/cat/*.jpg)")
+        raise missing_folder_error(root)
     if not root.is_dir():
         raise UserError(f"{root} is a file, not a folder; pass the folder holding the class folders")
     found = class_folders(root)

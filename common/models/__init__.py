@@ -1,12 +1,16 @@
-"""build_model(name, num_classes): this toolkit's own models, then torchvision, then timm.
+"""build_model(name, num_classes): this toolkit's own models, then timm, then torchvision.
 
-A model is described by a plain spec {"name", "source", "kwargs"} that goes into every
-checkpoint, so tools rebuild it without the user repeating flags.
+A bare name resolves in that order (the guides are timm guides: their model table lists timm's
+models); `timm/NAME` and `torchvision/NAME` choose the library. A model is described by a plain
+spec {"name", "source", "kwargs"} that goes into every checkpoint, so tools rebuild it without the
+user repeating flags; the spec's source, not the resolution order, decides what a checkpoint
+rebuilds (a checkpoint made when torchvision came first still rebuilds torchvision's model).
 """
 from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,47 +35,233 @@ LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# The order a bare name resolves in, and the prefixes that choose a library (local/ too, for symmetry).
+SOURCES = ("local", "timm", "torchvision")
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _timm_names() -> list[str]:
+def _timm_installed() -> bool:
     try:
-        import timm
+        import timm  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def _timm_names() -> list[str]:
+    if not _timm_installed():
         return []
+    import timm
+
     return sorted(timm.list_models())
 
 
 def list_models() -> dict[str, list[str]]:
-    return {"local": sorted(LOCAL_MODELS), "torchvision": _torchvision_names(), "timm": _timm_names()}
+    """Names per source, in the order a bare name resolves."""
+    return {"local": sorted(LOCAL_MODELS), "timm": _timm_names(), "torchvision": _torchvision_names()}
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """'timm/efficientnet_b0' -> ('timm', 'efficientnet_b0'); a bare name -> (None, name)."""
+    head, sep, rest = name.partition("/")
+    if sep and head in SOURCES:
+        return head, rest
+    return None, name
+
+
+def has_model(source: str, name: str) -> bool:
+    if source == "local":
+        return name in LOCAL_MODELS
+    if source == "timm":
+        if not _timm_installed():
+            return False
+        import timm
+
+        return bool(timm.is_model(name))  # also a name with a weights tag, e.g. efficientnet_b0.ra_in1k
+    if source == "torchvision":
+        return name in _torchvision_names()
+    return False
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """(source, bare name) of a --model/--arch value: `timm/NAME` or `torchvision/NAME` as asked;
+    a bare name from the first of local, timm, torchvision that has it."""
+    prefix, bare = split_name(name.strip())
+    if prefix is not None:
+        if prefix == "timm" and not _timm_installed():
+            raise UserError(f"model {name!r} needs timm, which is not installed; install it with "
+                            "pip install timm, or pick a torchvision model (gpu_train.py --list-models)")
+        if has_model(prefix, bare):
+            return prefix, bare
+        raise _unknown(name, prefix, bare)
+    for source in SOURCES:
+        if has_model(source, bare):
+            return source, bare
+    raise _unknown(name, None, bare)
 
 
 def find_source(name: str) -> str:
-    if name in LOCAL_MODELS:
-        return "local"
-    if name in _torchvision_names():
-        return "torchvision"
-    if name in _timm_names():
-        return "timm"
+    return resolve_name(name)[0]
+
+
+def also_in(source: str, name: str) -> list[str]:
+    """The other sources that have a model of this name (a bare name picks the first of them)."""
+    return [other for other in SOURCES if other != source and has_model(other, name)]
+
+
+def _unknown(name: str, prefix: str | None, bare: str) -> UserError:
+    listing = "See the list with gpu_train.py --list-models"
+    if prefix is not None:
+        others = [f"{other}/{bare}" for other in also_in(prefix, bare)]
+        if others:
+            return UserError(f"unknown model {name!r}: {prefix} has no {bare!r}, but {others[0]} exists; "
+                             f"use that name. {listing}")
+        close = difflib.get_close_matches(bare, list_models()[prefix], n=3)
+        hint = f" Did you mean {', '.join(f'{prefix}/{c}' for c in close)}?" if close else ""
+        return UserError(f"unknown model {name!r}: {prefix} has no {bare!r}.{hint} {listing}")
     known = sorted({n for names in list_models().values() for n in names})
-    close = difflib.get_close_matches(name, known, n=3)
+    close = difflib.get_close_matches(bare, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown model {name!r}.{hint} See the list with gpu_train.py --list-models")
+    return UserError(f"unknown model {name!r}.{hint} Prefix timm/ or torchvision/ to choose the "
+                     f"library. {listing}")
 
 
 def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: bool = False,
-                source: str | None = None, **extra: Any) -> tuple[nn.Module, dict[str, Any]]:
+                source: str | None = None, img_size: int | None = None,
+                **extra: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the spec that rebuilds it (pretrained weights are not part of the spec).
-    `extra`: further constructor arguments (plain values), kept in the spec."""
-    source = source or find_source(name)
+    `name` may carry a timm/ or torchvision/ prefix. img_size: the input size training will use; a
+    timm model made for one fixed size (ViT, DeiT, Swin, MLP-Mixer...) is built for this one (timm
+    resizes the position embeddings of its pretrained weights). `extra`: further constructor
+    arguments (plain values), kept in the spec."""
+    if source is None:
+        source, name = resolve_name(name)
+    else:
+        prefix, name = split_name(name)
+        if prefix is not None and prefix != source:
+            raise UserError(f"model {prefix}/{name} cannot come from {source}")
     kwargs: dict[str, Any] = {"num_classes": int(num_classes), **extra}
     if in_chans != 3:
         kwargs["in_chans"] = int(in_chans)
+    if source == "timm" and img_size is not None and "img_size" not in kwargs:
+        fixed = timm_fixed_size(name)
+        if fixed is not None and fixed != int(img_size):
+            kwargs["img_size"] = int(img_size)
+            try:
+                model = _construct(name, source, kwargs, pretrained)
+            except TypeError:  # a fixed-size model that takes no img_size: input_size_problem says so
+                del kwargs["img_size"]
+            else:
+                return model, {"name": name, "source": source, "kwargs": kwargs}
     spec = {"name": name, "source": source, "kwargs": kwargs}
     return _construct(name, source, kwargs, pretrained), spec
+
+
+def timm_fixed_size(name: str) -> int | None:
+    """The input size a timm model is made for when it takes no other (its pretrained_cfg says
+    fixed_input_size), else None."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return None
+    return int(cfg.input_size[-1])
+
+
+def designed_size(model: nn.Module) -> int | None:
+    """The input size a model was made for, where it records one (timm's pretrained_cfg and
+    patch embedding, torchvision's ViT), else None."""
+    patch = getattr(model, "patch_embed", None)
+    size = getattr(patch, "img_size", None)
+    if size:
+        return int(size[-1] if isinstance(size, (tuple, list)) else size)
+    if isinstance(getattr(model, "image_size", None), int):
+        return int(model.image_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    shape = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(shape[-1]) if shape else None
+
+
+def input_size_problem(model: nn.Module, size: int, in_chans: int = 3) -> str | None:
+    """Why the model cannot take size x size inputs (one forward in evaluation mode), or None.
+    The model's mode is left as it was, and evaluation mode updates no buffer."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    example = torch.zeros(1, in_chans, size, size, device=device)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return first[:160]
+    finally:
+        for module, training in modes:
+            module.training = training
+    return None
+
+
+def calibrate_batchnorm(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Set every BatchNorm layer's running mean and variance from one training-mode forward of
+    `inputs` (a training batch); returns how many layers were set.
+
+    A fresh BatchNorm layer starts with running variance 1, but behind a depthwise convolution
+    (EfficientNet, MobileNet) the real variance at initialisation is about 1e-4; with momentum 0.1
+    (torchvision's MobileNetV3: 0.01) the start value dominates the running variance for the first
+    ~80 (~800) steps, so in evaluation mode those layers scale their inputs down a hundredfold and
+    the model predicts one class for epochs on a small data set. Starting from the batch's own
+    statistics removes that; the usual moving average takes over from the next step."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats and m.running_var is not None]
+    if not layers:
+        return 0
+    saved = [(m, m.momentum) for m in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m in layers:
+            m.momentum = 1.0  # running = this batch's statistics
+        model.train()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        for module, training in modes:
+            module.training = training
+    return len(layers)
+
+
+def tame_head(model: nn.Module) -> str | None:
+    """Re-initialise the classifier (the last Linear layer) as a fresh nn.Linear when its weights
+    are far larger than that (more than twice the bound 1/sqrt(inputs)); returns what was done, or
+    None. EfficientNet and MobileNet (timm and torchvision) draw the head from +-1/sqrt(outputs):
+    right for 1000 classes, but +-0.71 for 2, which starts a 2-class run at a loss of about 5 and
+    slows learning from scratch. For a model trained from scratch only (pretrained heads are new
+    layers anyway)."""
+    head = model.get_submodule(head_name(model))
+    bound = 1.0 / math.sqrt(head.in_features)
+    largest = float(head.weight.detach().abs().max())
+    if largest <= 2 * bound:
+        return None
+    head.reset_parameters()
+    return (f"classifier layer {head_name(model)!r} re-initialised at +-{bound:.3f} (1/sqrt of its "
+            f"{head.in_features} inputs): the library's initialisation, up to +-{largest:.2f}, is scaled "
+            "for 1000 classes")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def model_from_spec(spec: dict[str, Any], where: str = "the model spec") -> nn.Module:
