@@ -176,12 +176,34 @@ def _from_state_dict(raw: Any, file: Path, device: torch.device, arch: str | Non
         raise UserError(f"{file} is a plain state_dict without the architecture; pass --arch NAME and "
                         "--num-classes N (names: gpu_train.py --list-models)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    model, spec = build_model(arch, num_classes)
+    model, spec = _fitting_model(arch, num_classes, state)
     load_state_dict_checked(model, state, str(file))
-    note = f"a plain state_dict, read as --arch {arch} --num-classes {num_classes}"
+    note = f"a plain state_dict, read as --arch {spec['source']}/{spec['name']} --num-classes {num_classes}"
     return LoadedModel(model.to(device).eval(), "classification", file,
                        [str(i) for i in range(num_classes)],
                        preprocessing(img_size, IMAGENET_MEAN, IMAGENET_STD), spec, None, [note])
+
+
+def _fitting_model(arch: str, num_classes: int, state: dict[str, torch.Tensor]):
+    """The model of a bare --arch name whose layout fits the state_dict: timm and torchvision
+    both have efficientnet_b0, resnet50 ... with other parameter names; a bare name tries the
+    library it resolves to first, then the others that have the name. A prefixed name is taken
+    as given."""
+    from .models import also_in, split_name
+
+    model, spec = build_model(arch, num_classes)
+    if split_name(arch)[0] is not None or _fits(model, state):
+        return model, spec
+    for other in also_in(spec["source"], spec["name"]):
+        candidate, other_spec = build_model(f"{other}/{spec['name']}", num_classes)
+        if _fits(candidate, state):
+            return candidate, other_spec
+    return model, spec  # load_state_dict_checked names what does not fit
+
+
+def _fits(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(tuple(v.shape) == tuple(state[k].shape) for k, v in own.items())
 
 
 def load_from_args(path: str | Path, args: Any, device: torch.device, *, tasks: Sequence[str] = ALL_TASKS,

@@ -110,3 +110,25 @@ def test_a_checkpoint_that_records_torchvision_rebuilds_torchvision(dataset, tmp
                           "--output-dir", str(tmp_path / "report"), "--num-workers", "0"]) == 0
     captured = capsys.readouterr()
     assert "images: 12" in captured.out and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_a_plain_state_dict_with_a_bare_arch_finds_its_library(tmp_path, source):
+    """torchvision and timm both have efficientnet_b0 with other parameter names: a bare --arch
+    builds the one whose layout fits the file, a prefixed one is taken as given."""
+    pytest.importorskip("timm")
+    from common.inference import load_for_inference
+
+    model, _ = build_model(f"{source}/efficientnet_b0", 2)
+    file = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), file)
+    loaded = load_for_inference(file, torch.device("cpu"), arch="efficientnet_b0", num_classes=2)
+    assert loaded.spec["source"] == source
+    assert any(f"--arch {source}/efficientnet_b0" in n for n in loaded.notes)
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x))
+    other = "timm" if source == "torchvision" else "torchvision"
+    with pytest.raises(UserError, match="do not fit"):
+        load_for_inference(file, torch.device("cpu"), arch=f"{other}/efficientnet_b0", num_classes=2)
