@@ -35,7 +35,8 @@ def add_classification_args(parser: argparse.ArgumentParser) -> None:
     add_data_path_args(d)
     m = parser.add_argument_group("model")
     m.add_argument("--model", default="efficientnet_b0",
-                   help="torchvision or timm name, or small_cnn (default: efficientnet_b0)")
+                   help="a timm or torchvision name (a bare name: timm first; timm/NAME or "
+                        "torchvision/NAME to choose), or small_cnn (default: %(default)s)")
     m.add_argument("--num-classes", type=int, default=None,
                    help="number of classes (default: counted from the class folders)")
     m.add_argument("--pretrained", action="store_true",
