@@ -30,7 +30,7 @@ from .models import build_model
 from .reporting import attach_log_file, plot_confusion_matrix
 from .session import Session, archive_previous_run, check_positive, save_run_config
 from .tasks import SeriesTask
-from .trainer import Job, in_session, place_model, run_job
+from .trainer import Job, finish_run, in_session, place_model, run_job
 
 TASK = "timeseries"
 QUICK_START = {"epochs": 8}
@@ -182,9 +182,11 @@ def _pipeline(args: argparse.Namespace, s: Session) -> int:
         for line in comparison_table(results, final):
             s.log(line)
         best = max(results, key=lambda n: (results[n]["test_accuracy"], results[n]["macro_f1"]))
-        s.log(f"done: best model {best} ({final} accuracy {100 * results[best]['test_accuracy']:.2f}%); "
-              f"report {s.output / 'report.md'}, results {s.output / 'results.json'}, checkpoints "
-              f"{s.output}/<model>/best_model.pth")
+        accuracy = f"{final} accuracy {100 * results[best]['test_accuracy']:.2f}%"
+        finish_run(s, args, f"done: best model {best} ({accuracy}); "
+                   f"report {s.output / 'report.md'}, results {s.output / 'results.json'}, checkpoints "
+                   f"{s.output}/<model>/best_model.pth", task=TASK, model=s.output / best / "best_model.pth",
+                   best=f"{best}, {accuracy} (its best epoch {results[best]['best_epoch']})")
     return 0
 
 

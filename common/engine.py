@@ -22,6 +22,7 @@ from .distributed import all_reduce_sum, broadcast_buffers
 from .memory import OOMRecovery
 from .optim import Schedule
 from .precision import Precision
+from .reporting import progress_fields, progress_title
 
 
 @dataclass
@@ -101,10 +102,7 @@ def _reduced(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _postfix(task: Any, totals: dict[str, torch.Tensor], lr: float, samples: int,
              started: float) -> dict[str, str]:
     metrics = task.summarize({k: v for k, v in totals.items() if v.dim() == 0})
-    rate = samples / max(time.perf_counter() - started, 1e-9)
-    shown = {k: f"{v:.4f}" for k, v in metrics.items()}
-    shown.update(lr=f"{lr:.2e}", **{"img/s": f"{rate:.0f}"})
-    return shown
+    return progress_fields(metrics, lr, samples / max(time.perf_counter() - started, 1e-9))
 
 
 def _micro_steps(model: nn.Module, task: Any, batch: Any, totals: dict[str, torch.Tensor],
@@ -177,11 +175,14 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
                     guard.read()
                 if cfg.show_progress:
                     bar.set_postfix(_postfix(task, totals, schedule.lr, samples, started), refresh=False)
-    if guard is not None:
-        guard.read(model)
-    elapsed = time.perf_counter() - started
-    metrics = task.summarize(_reduced(totals))
-    metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
+        if guard is not None:
+            guard.read(model)
+        elapsed = time.perf_counter() - started
+        metrics = task.summarize(_reduced(totals))
+        metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
+        if cfg.show_progress:  # the epoch's numbers (read here anyway), also when it is shorter than
+            shown = {k: v for k, v in metrics.items() if k != "samples_per_s"}  # the log interval
+            bar.set_postfix(progress_fields(shown, schedule.lr, metrics["samples_per_s"]))
     return metrics
 
 
@@ -286,7 +287,7 @@ def fit(model: nn.Module, task: Any, train_loader: Iterable, val_loader: Iterabl
             sampler.set_epoch(epoch)
         started = time.perf_counter()
         train = train_one_epoch(model, task, train_loader, optimizer, schedule, precision, device,
-                                step_cfg, state, desc=f"epoch {epoch + 1}/{epochs}")
+                                step_cfg, state, desc=progress_title(epoch + 1, epochs, state.history))
         record: dict[str, float] = {"epoch": epoch + 1}
         record.update({f"train_{k}": v for k, v in train.items() if k != "samples_per_s"})
         if val_loader is not None:

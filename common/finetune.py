@@ -30,7 +30,7 @@ from .models import build_model, head_name, model_from_spec, permute_head, repla
 from .preflight import check_training_memory
 from .session import Session, check_positive
 from .tasks import ClassificationTask
-from .trainer import Job, in_session, place_model, run_job
+from .trainer import Job, close_job, in_session, place_model, run_job
 
 TASK = "classification"
 SUFFIX = "_finetuned"
@@ -247,7 +247,7 @@ def _finetune(args: argparse.Namespace, ckpt: dict | None, s: Session, source: S
               start_metrics=info["start"] if ckpt is None else None, stop_on="loss",
               baseline=info["start"])
     state = run_job(args, s, job, ckpt)
-    s.log(summary(state, info, best, s.output / "checkpoint.pth", args))
+    close_job(s, args, job, state, summary(state, info, best, s.output / "checkpoint.pth", args))
     return 0
 
 

@@ -191,3 +191,63 @@ def write_atomically(path: str | os.PathLike, write, *, binary: bool = False,
         if exc.filename is not None and os.fsdecode(exc.filename) == str(tmp):
             exc.filename = str(target)  # the user knows the file, not its temporary name
         raise write_failure(exc, target, name) from None
+
+
+PREVIOUS_RUN_PREFIX = "previous_run_"
+PREVIOUS_RUNS_NOTICE = 3  # more earlier runs than this in one folder: a notice with their size
+
+
+def human_size(size: float) -> str:
+    """Bytes as people read them: 512 B, 4.1 kB, 12.3 MB, 2.9 GB (powers of 1000, as disks are sold)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            break
+        size /= 1000
+    if unit == "B":
+        return f"{size:.0f} B"
+    return f"{size:.1f} {unit}" if size < 100 else f"{size:.0f} {unit}"
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links not followed); what cannot be read
+    counts as nothing."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size if path.is_file() else 0
+        total = 0
+        for folder, _dirs, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += (Path(folder) / name).lstat().st_size
+        return total
+    except OSError:
+        return 0
+
+
+def previous_runs(output: Path) -> list[Path]:
+    """The earlier runs that new runs into `output` moved aside, oldest first."""
+    try:
+        return sorted(p for p in output.glob(f"{PREVIOUS_RUN_PREFIX}*") if p.is_dir())
+    except OSError:
+        return []
+
+
+def removal_command(output: Path) -> str:
+    """The command that deletes every previous_run_* folder of `output`, for this system's shell."""
+    if os.name == "nt":
+        return f'Remove-Item -Recurse -Force "{output / PREVIOUS_RUN_PREFIX}*"  (PowerShell)'
+    import shlex
+
+    return f"rm -r {shlex.quote(str(output))}/{PREVIOUS_RUN_PREFIX}*"
+
+
+def note_previous_runs(output: Path, log) -> None:
+    """Earlier runs are kept (a re-run never deletes anything), but not silently once they pile up:
+    past PREVIOUS_RUNS_NOTICE of them, one notice with their count, size and the command to remove them."""
+    runs = previous_runs(output)
+    if len(runs) <= PREVIOUS_RUNS_NOTICE:
+        return
+    size = sum(disk_size(p) for p in runs)
+    log(f"notice: {output} holds {len(runs)} earlier runs ({PREVIOUS_RUN_PREFIX}* folders, "
+        f"{human_size(size)} in all), kept because nothing is deleted for you; remove the ones you no "
+        f"longer need, e.g. all of them: {removal_command(output)}")

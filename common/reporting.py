@@ -10,14 +10,16 @@ import csv
 import functools
 import logging
 import logging.handlers
+import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .outdir import write_failure
+from .outdir import PREVIOUS_RUN_PREFIX, disk_size, human_size, previous_runs, removal_command, write_failure
 
 LOGGER_NAME = "toolkit"
 
@@ -99,22 +101,158 @@ def close_logging() -> None:
         handler.close()
 
 
+def format_rate(per_second: float) -> str:
+    """A throughput as people read it: 0.25 and 1.3 where it is small, 120 where it is not."""
+    if per_second < 1:
+        return f"{per_second:.2f}"
+    return f"{per_second:.1f}" if per_second < 10 else f"{per_second:.0f}"
+
+
+def _metric_text(record: dict[str, float], prefix: str, iou: bool = True) -> str:
+    """The metrics of one split (prefix "train_", "val_", "val_ema_") as the epoch line shows them."""
+    parts = []
+    if f"{prefix}acc" in record:
+        parts.append(f"acc {100 * record[f'{prefix}acc']:.2f}%")
+    if f"{prefix}dice" in record:
+        parts.append(f"Dice {record[f'{prefix}dice']:.4f}")
+    if iou and f"{prefix}iou" in record:
+        parts.append(f"IoU {record[f'{prefix}iou']:.4f}")
+    return " ".join(parts)
+
+
 def format_epoch(record: dict[str, float], epochs: int, improved: bool) -> str:
+    """One line per epoch: loss and metrics (accuracy in %, or Dice and IoU) per split, lr,
+    throughput, time, and `* best` when the monitored validation metric improved."""
     parts = [f"epoch {int(record['epoch'])}/{epochs}"]
     for split in ("train", "val"):
         if f"{split}_loss" in record:
             text = f"{split} loss {record[f'{split}_loss']:.4f}"
-            if f"{split}_acc" in record:
-                text += f" acc {100 * record[f'{split}_acc']:.2f}%"
-            if f"{split}_ema_acc" in record:
-                text += f" (ema {100 * record[f'{split}_ema_acc']:.2f}%)"
+            metrics = _metric_text(record, f"{split}_", iou=split == "val")
+            text += f" {metrics}" if metrics else ""
+            ema = _metric_text(record, f"{split}_ema_", iou=False)
+            text += f" (ema {ema.split(' ', 1)[1]})" if ema else ""
             parts.append(text)
     parts.append(f"lr {record['lr']:.2e}")
-    parts.append(f"{record['samples_per_s']:.0f} img/s")
+    parts.append(f"{format_rate(record['samples_per_s'])} img/s")
     parts.append(f"{record['epoch_time']:.1f}s")
     if improved:
         parts.append("* best")
     return " | ".join(parts)
+
+
+def progress_fields(metrics: dict[str, float], lr: float, per_second: float) -> dict[str, str]:
+    """The progress bar's postfix: the training metrics as the epoch line writes them."""
+    shown = {}
+    for key, value in metrics.items():
+        shown[key] = f"{100 * value:.2f}%" if key in ("acc", "top5") else f"{value:.4f}"
+    shown.update(lr=f"{lr:.2e}", **{"img/s": format_rate(per_second)})
+    return shown
+
+
+def progress_title(epoch: int, epochs: int, history: Sequence[dict[str, float]]) -> str:
+    """The progress bar's description: the epoch, and the last epoch's validation metrics (which
+    decide the best model) while this one trains."""
+    title = f"epoch {epoch}/{epochs}"
+    last = _metric_text(history[-1], "val_") if history else ""
+    return f"{title} (last val {last})" if last else title
+
+
+def format_duration(seconds: float) -> str:
+    """42.1s, 3m 12s, 2h 05m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+def format_command(argv: Sequence[str]) -> str:
+    """A command line to copy into this system's shell (arguments with spaces quoted)."""
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline(list(argv))
+    import shlex
+
+    return shlex.join(argv)
+
+
+# What each file of a run's folder is, in the order the summary lists them.
+_OUTPUT_FILES = {
+    "best_model.pth": "the best model: validate.py, predict.py and export_onnx.py take it",
+    "checkpoint.pth": "resume state of the last epoch (--resume)",
+    "checkpoint_epoch*.pth": "weights of epoch",
+    "metrics.csv": "one row per epoch",
+    "curves.png": "loss, metric and learning rate per epoch",
+    "val_samples.png": "validation images, true and predicted masks",
+    "confusion_matrix.png": "confusion matrix",
+    "test_metrics.json": "the best model on the test split",
+    "report.md": "the models compared",
+    "results.json": "every model's results",
+    "splits.json": "which recording went to which split",
+    "training.log": "this log",
+    "config.json": "the settings of this run",
+    "tensorboard": "TensorBoard scalars: tensorboard --logdir {path}",
+    "bad_images.txt": "unreadable images that were skipped",
+    "nonfinite_batch.json": "the first step with a non-finite loss or gradient",
+}
+
+
+def run_outputs(output: Path) -> list[tuple[str, int, str]]:
+    """(name, bytes, what it is) of each thing a run left in its folder, as it is on disk now (the
+    folders of earlier runs and hidden files aside); the epoch weights files are one entry."""
+    try:
+        present = sorted(p for p in output.iterdir() if not p.name.startswith((".", PREVIOUS_RUN_PREFIX)))
+    except OSError:
+        return []
+    epochs = sorted((p for p in present if p.is_file() and re.fullmatch(r"checkpoint_epoch\d+\.pth", p.name)),
+                    key=lambda p: int(p.stem.removeprefix("checkpoint_epoch")))
+    entries: dict[str, tuple[int, str]] = {}
+    if epochs:
+        numbers = ", ".join(p.stem.removeprefix("checkpoint_epoch") for p in epochs)
+        entries["checkpoint_epoch*.pth"] = (sum(disk_size(p) for p in epochs),
+                                            f"weights of epoch{'s' if len(epochs) > 1 else ''} {numbers}")
+    for path in (p for p in present if p not in epochs):
+        what = _OUTPUT_FILES.get(path.name, "").format(path=path)
+        if not what and path.is_dir():
+            inside = sorted(q.name for q in path.iterdir() if not q.name.startswith("."))
+            what = ", ".join(inside[:4]) + (", ..." if len(inside) > 4 else "")
+        entries[f"{path.name}/" if path.is_dir() else path.name] = (disk_size(path), what)
+    order = [name.rstrip("/") for name in _OUTPUT_FILES]
+    ranked = sorted(entries, key=lambda n: (order.index(n.rstrip("/")) if n.rstrip("/") in order
+                                            else len(order), n))
+    return [(name, *entries[name]) for name in ranked]
+
+
+def run_summary(output: Path, *, best: str | None, seconds: float | None,
+                commands: Sequence[Sequence[str]] = (), extra: Sequence[Path] = ()) -> list[str]:
+    """The block that ends a run (before its "done: ..." line): the best result and its epoch, the
+    time, each output that exists with its size, the disk the run's outputs use, the earlier runs kept
+    in the folder, and the commands to run next."""
+    lines = ["summary:"]
+    if best:
+        lines.append(f"  best: {best}")
+    if seconds is not None:
+        lines.append(f"  time: {format_duration(seconds)}")
+    entries = run_outputs(output)
+    outside = [p for p in dict.fromkeys(extra) if p.exists() and output.resolve() not in p.resolve().parents]
+    used = sum(size for _, size, _ in entries) + sum(disk_size(p) for p in outside)
+    lines.append(f"  disk used by this run's outputs: {human_size(used)}")
+    lines.append(f"  outputs in {output}:")
+    width = max((len(name) for name, _, _ in entries), default=0)
+    for name, size, what in entries:
+        lines.append(f"    {name:<{width}}  {human_size(size):>8}  {what}".rstrip())
+    for path in outside:
+        lines.append(f"  also {path}{'/' if path.is_dir() else ''} ({human_size(disk_size(path))})")
+    runs = previous_runs(output)
+    if runs:
+        lines.append(f"  earlier runs kept in {output}: {len(runs)} {PREVIOUS_RUN_PREFIX}* folder(s), "
+                     f"{human_size(sum(disk_size(p) for p in runs))} (remove: {removal_command(output)})")
+    if commands:
+        lines.append("  next:")
+        lines += [f"    {format_command(argv)}" for argv in commands]
+    return lines
 
 
 def write_metrics_csv(history: Sequence[dict[str, float]], path: Path) -> None:
@@ -210,60 +348,203 @@ def _quiet_tensorboard_thread() -> None:
     threading.excepthook = quiet
 
 
+_SPLITS = (("train", "train"), ("val", "val"), ("val_ema", "val (EMA)"))
+
+
+def _metric_panels(keys: set[str]) -> list[tuple[str, tuple[str, ...], float]]:
+    """(title, metrics, scale) of the panels between loss and lr: accuracy in % as the console
+    writes it, or Dice and IoU for segmentation."""
+    def has(metric: str) -> bool:
+        return any(f"{split}_{metric}" in keys for split, _ in _SPLITS)
+
+    panels = []
+    if has("acc"):
+        panels.append(("accuracy (%)", ("acc",), 100.0))
+    if has("dice") or has("iou"):
+        panels.append(("Dice / IoU", tuple(m for m in ("dice", "iou") if has(m)), 1.0))
+    return panels
+
+
 def plot_curves(history: Sequence[dict[str, float]], path: Path,
-                baseline: dict[str, float] | None = None) -> None:
-    """curves.png: loss, the task's main metric, and the learning rate per epoch.
-    baseline: validation metrics of the model before training (fine-tuning), drawn as a dashed line."""
+                baseline: dict[str, float] | None = None):
+    """curves.png: loss, the task's metric (accuracy in %, or Dice and IoU) and the learning rate per
+    epoch, on integer epoch ticks with every epoch's point marked when there are few.
+    baseline: validation metrics of the model before training (fine-tuning), drawn as a dashed line.
+    Returns the (closed) figure, whose lines hold the plotted numbers."""
     if not history:
-        return
+        return None
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
-    metric = next((m for m in ("acc", "dice") if f"val_{m}" in history[0]
-                   or f"train_{m}" in history[0]), None)
-    panels = ["loss"] + ([metric] if metric else []) + ["lr"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, name in zip(axes, panels, strict=True):
-        if name == "lr":
-            ax.plot(epochs, [r["lr"] for r in history], color="tab:green")
-            ax.set_yscale("log" if min(r["lr"] for r in history) > 0 else "linear")
-        else:
-            for split in ("train", "val"):
-                key = f"{split}_{name}"
-                if key in history[0]:
-                    ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker=".",
-                            label=split)
-            if baseline and f"val_{name}" in baseline:
-                ax.axhline(baseline[f"val_{name}"], color="tab:gray", linestyle="--",
+    keys = {k for r in history for k in r}
+    panels = [("loss", ("loss",), 1.0), *_metric_panels(keys)]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
+    style = {"marker": "o", "markersize": 4} if len(epochs) <= 30 else {}
+    for ax, (title, metrics, scale) in zip(axes[0], panels, strict=False):
+        for metric in metrics:
+            for colour, (split, label) in enumerate(_SPLITS):
+                key = f"{split}_{metric}"
+                if key in keys:
+                    name = f"{label} {'IoU' if metric == 'iou' else 'Dice'}" if len(metrics) > 1 else label
+                    ax.plot(epochs, [scale * r.get(key, float("nan")) for r in history], label=name,
+                            color=f"C{colour}", linestyle="--" if metric == "iou" else "-", **style)
+            if baseline and f"val_{metric}" in baseline:
+                ax.axhline(scale * baseline[f"val_{metric}"], color="tab:gray", linestyle=":",
                            label="val before training")
-            ax.legend()
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        ax.legend()
+    _plot_lr(axes[0][-1], epochs, [r.get("lr", float("nan")) for r in history], style)
+    for ax in axes[0]:
+        _epoch_axis(ax, epochs)
     fig.tight_layout()
     _save(fig, path)
+    return fig
+
+
+def _plot_lr(ax, epochs: list[float], lrs: list[float], style: dict[str, Any]) -> None:
+    """The lr at the end of each epoch: on a log scale when it spans more than a decade (and never
+    reaches 0), else on a linear one from 0 with plain tick labels; a constant lr says so."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.plot(epochs, lrs, color="tab:green", **style)
+    finite = [v for v in lrs if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    if low > 0 and high / low > 10:
+        ax.set_yscale("log")
+        ax.set_title("learning rate (log scale)")
+        return
+    ax.set_ylim(0, high * 1.15 if high > 0 else 1.0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.set_title(f"learning rate (constant {high:.3g})" if finite and low == high else "learning rate")
+
+
+def _epoch_axis(ax, epochs: list[float]) -> None:
+    """Whole epochs as ticks, and an x range of at least one epoch (one epoch: 0.5 .. 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    first, last = min(epochs), max(epochs)
+    pad = 0.5 if last - first <= 10 else 0.03 * (last - first)
+    ax.set_xlim(first - pad, last + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
+# Fonts with the glyphs of Chinese (and Japanese, Korean) names, the most common first; any other
+# installed font that has every character is tried after these.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Noto Sans SC",
+             "Source Han Sans SC", "Source Han Sans CN", "Source Han Sans", "Microsoft YaHei", "PingFang SC",
+             "SimHei", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Hiragino Sans GB", "Heiti SC", "SimSun",
+             "Droid Sans Fallback", "Arial Unicode MS", "Noto Sans")
+
+
+@functools.cache
+def _charmap(fname: str, index: int = 0) -> frozenset[int]:
+    """The code points a font file has glyphs for (empty when the file cannot be read)."""
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(fname, face_index=index).get_charmap())
+    except (OSError, RuntimeError, ValueError, TypeError):
+        return frozenset()
+
+
+def _needed(texts: Sequence[str]) -> frozenset[int]:
+    return frozenset(ord(c) for text in texts for c in text if c.isprintable() and not c.isspace())
+
+
+def _missing(texts: Sequence[str]) -> frozenset[int]:
+    """The characters of `texts` that matplotlib's default font has no glyph for."""
+    from matplotlib import font_manager
+
+    return _needed(texts) - _charmap(font_manager.findfont(font_manager.FontProperties()))
+
+
+def _default_covers(texts: Sequence[str]) -> bool:
+    return not _missing(texts)
+
+
+def font_family_for(texts: Sequence[str]) -> list[str] | None:
+    """The font.family under which every character of `texts` has a glyph: [] when matplotlib's
+    default font has them all; else the default families followed by an installed font that has the
+    rest (the CJK fonts of CJK_FONTS first; matplotlib takes each glyph from the first font of the
+    list that has it); None when no installed font has them."""
+    missing = _missing(texts)
+    if not missing:
+        return []
+    from matplotlib import font_manager, rcParams
+
+    entries = font_manager.fontManager.ttflist
+    found = _covering_font(missing, tuple((e.name, e.fname, e.index) for e in entries))
+    return None if found is None else [*rcParams["font.family"], found]
+
+
+@functools.lru_cache(maxsize=32)
+def _covering_font(needed: frozenset[int], entries: tuple[tuple[str, str, int], ...]) -> str | None:
+    rank = {name: i for i, name in enumerate(CJK_FONTS)}
+    for name, fname, index in sorted(entries, key=lambda e: (rank.get(e[0], len(rank)), e[0])):
+        # matplotlib's "Last Resort" font maps every character to a placeholder box: not a glyph
+        if not name.startswith("Last Resort") and needed <= _charmap(fname, index):
+            return name
+    return None
+
+
+_NAMED: set[tuple[str, ...]] = set()  # class-name lists already named in a notice
+
+
+def _class_labels(classes: Sequence[str], title: str, path: Path) -> tuple[list[str], list[str], str, str]:
+    """(tick labels, font.family, title, x label) for a confusion matrix. Names no installed font can
+    draw become their class index ("3", or "3: cat" where the name is drawable), and the index -> name
+    list is written to <picture>_classes.txt beside the picture (a notice in the log says so): the
+    picture has no boxes for the missing glyphs, and matplotlib prints no warnings."""
+    family = font_family_for([*classes, title])
+    if family is not None:
+        return list(classes), family, title, "predicted"
+    labels = [f"{i}: {name}" if _default_covers([name]) else str(i) for i, name in enumerate(classes)]
+    listing = path.with_name(f"{path.stem}_classes.txt")
+    tmp = listing.with_name(f".{listing.name}.tmp")
+    try:
+        tmp.write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(classes)), encoding="utf-8")
+        os.replace(tmp, listing)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_failure(exc, listing) from None
+    if tuple(classes) not in _NAMED:
+        _NAMED.add(tuple(classes))
+        logging.getLogger(LOGGER_NAME).info(
+            f"notice: no installed font has the characters of the class names ({', '.join(classes[:5])}"
+            f"{', ...' if len(classes) > 5 else ''}); {path.name} labels them by class index, listed in "
+            f"{listing} (install a font such as Noto Sans CJK SC to see the names in the picture)")
+    drawable_title = title if _default_covers([title]) else "confusion matrix"
+    return labels, [], drawable_title, f"predicted\nclass index -> name: {listing.name}"
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
-                          path: Path, title: str = "confusion matrix") -> None:
+                          path: Path, title: str = "confusion matrix"):
+    """confusion_matrix.png: counts per (true, predicted) class, the class names drawn with a font that
+    has their glyphs (see _class_labels). Returns the (closed) figure."""
     plt = _pyplot()
+    labels, family, title, xlabel = _class_labels(classes, title, path)
     n = len(classes)
     size = min(max(4.0, 0.5 * n + 2), 20.0)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    peak = max((max(row) for row in matrix), default=0)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                value = matrix[i][j]
-                ax.text(j, i, str(value), ha="center", va="center",
-                        color="white" if value > peak / 2 else "black", fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    _save(fig, path)
+    with plt.rc_context({"font.family": family} if family else {}):
+        note = max(len(line) for line in xlabel.splitlines())  # the fallback's file name fits
+        fig, ax = plt.subplots(figsize=(max(size, 0.08 * note + 0.8), size))
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(n), labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels)
+        ax.set_xlabel(xlabel, fontsize=9 if "\n" in xlabel else None)
+        ax.set_ylabel("true")
+        peak = max((max(row) for row in matrix), default=0)
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    value = matrix[i][j]
+                    ax.text(j, i, str(value), ha="center", va="center",
+                            color="white" if value > peak / 2 else "black", fontsize=8)
+        ax.set_title(title)
+        fig.tight_layout()
+        _save(fig, path)
+    return fig
 
 
 def _save(fig, path: Path) -> None:

@@ -30,7 +30,7 @@ from .distributed import DistContext, barrier, context_from_env, init_process_gr
 from .engine import TrainState
 from .errors import UserError, note_checkpoint
 from .optim import Schedule
-from .outdir import OutputLock, check_writable, save_failure, sweep_temporary_files
+from .outdir import OutputLock, check_writable, note_previous_runs, save_failure, sweep_temporary_files
 from .precision import Precision, make_precision
 from .reporting import (
     LOGGER_NAME,
@@ -129,6 +129,7 @@ def archive_previous_run(output: Path, run_files: tuple[str, ...] = ()) -> None:
     for name in present:
         shutil.move(str(output / name), str(archive / name))
     logging.getLogger(LOGGER_NAME).info(f"notice: {output} held an earlier run; moved its files to {archive}")
+    note_previous_runs(output, logging.getLogger(LOGGER_NAME).info)
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

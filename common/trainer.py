@@ -8,7 +8,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .errors import UserError, note_checkpoint
 from .memory import OOMRecovery, memory_state, restore_memory_state
 from .nanguard import NonFiniteGuard, NonFiniteReport, NonFiniteStop
 from .optim import Schedule, build_optimizer
+from .reporting import run_summary
 from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config, start_session
 
 
@@ -53,12 +55,104 @@ def in_session(args: argparse.Namespace, ckpt: dict | None,
                body: Callable[[argparse.Namespace, dict | None, Session], int]) -> int:
     """Start the session (device, process group, logging), run the recipe, leave the group."""
     check_training_values(args)
+    started = time.monotonic()
     s = start_session(args, Path(args.output))
+    _CLOSING[id(s)] = None
     try:
-        return body(args, ckpt, s)
+        code = body(args, ckpt, s)
+        closing = _CLOSING.get(id(s))
+        if closing is not None and s.is_main:
+            for line in closing(time.monotonic() - started):
+                s.log(line)
+        return code
     finally:
+        _CLOSING.pop(id(s), None)
         s.close()
         destroy_process_group()
+
+
+# id(session) -> the last lines of its run, logged by in_session once the recipe is done (after a
+# test-split evaluation or a last sample picture, so that the summary lists those files too)
+_CLOSING: dict[int, Callable[[float | None], list[str]] | None] = {}
+
+
+def finish_run(s: Session, args: argparse.Namespace, done: str, *, task: str, model: Path,
+               best: str | None, extra: Sequence[Path] = ()) -> None:
+    """End a run that worked: the summary block (best result, time, every output that exists with its
+    size, disk used, the next commands with this run's paths) and then `done`, the run's last line
+    (scripts and tests read it). model: the file the next commands take; extra: outputs outside the
+    output folder. Inside in_session the lines come when the recipe returns, else now."""
+    def lines(seconds: float | None) -> list[str]:
+        commands = next_commands(task, model, s.output, args) if model.is_file() else []
+        return [*run_summary(s.output, best=best, seconds=seconds, commands=commands, extra=extra), done]
+
+    if id(s) in _CLOSING:
+        _CLOSING[id(s)] = lines
+    elif s.is_main:
+        for line in lines(None):
+            s.log(line)
+
+
+def close_job(s: Session, args: argparse.Namespace, job: Job, state: TrainState, done: str) -> None:
+    """finish_run for a Job trained by run_job: its best model, monitored metric and TensorBoard."""
+    finish_run(s, args, done, task=job.task.name, model=s.output / job.best_name,
+               best=best_text(job.task.monitor, state), extra=[job.tb_dir] if job.tb_dir else [])
+
+
+def best_text(monitor: str, state: TrainState) -> str | None:
+    """The best result for the summary, e.g. val accuracy 97.50% at epoch 7 (10 epochs trained);
+    for segmentation the Dice with its IoU."""
+    if state.best_metric is None:
+        return None
+    record = next((r for r in state.history if int(r["epoch"]) == state.best_epoch), {})
+    split = "train" if f"train_{monitor}" in record and f"val_{monitor}" not in record else "val"
+    name = {"acc": "accuracy", "dice": "Dice"}.get(monitor, monitor)
+    value = f"{100 * state.best_metric:.2f}%" if monitor == "acc" else f"{state.best_metric:.4f}"
+    if monitor == "dice" and f"{split}_iou" in record and not state.best_from_ema:
+        value += f" (IoU {record[f'{split}_iou']:.4f})"
+    trained = f"{state.epoch} epoch{'s' if state.epoch != 1 else ''} trained"
+    if state.best_epoch == 0:
+        return f"the starting model, {split} {name} {value}: no epoch beat it ({trained})"
+    ema = " (the weights' moving average)" if state.best_from_ema else ""
+    return f"{split} {name} {value} at epoch {state.best_epoch}{ema} ({trained})"
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+def next_commands(task: str, model: Path, output: Path, args: argparse.Namespace) -> list[list[str]]:
+    """validate.py, predict.py and export_onnx.py for this run's model, on this run's data where the
+    scripts can read it (a class folder tree, imgs/ + masks/, recordings), else export only."""
+    data = _evaluation_data(task, args)
+    commands = []
+    if data is not None:
+        commands.append(["python", "validate.py", "--model", str(model), "--data-dir", str(data)])
+        if task == "segmentation":
+            images = sorted(p for p in (data / "imgs").glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+            image = images[0] if images else None
+            if image is not None:
+                commands.append(["python", "predict.py", "-m", str(model), "-i", str(image),
+                                 "-o", str(output / f"{image.stem}_mask.png"), "-v"])
+        elif data.is_dir() or data.suffix.lower() == ".csv":
+            commands.append(["python", "predict.py", "--model", str(model), "--input", str(data),
+                             "--output", str(output / "predictions.csv")])
+    onnx = output / ("model.onnx" if model.parent == output else f"{model.parent.name}.onnx")
+    commands.append(["python", "export_onnx.py", "--model", str(model), "--output", str(onnx)])
+    return commands
+
+
+def _evaluation_data(task: str, args: argparse.Namespace) -> Path | None:
+    """The data a validate.py run of this model reads: the test split, else the validation split,
+    else the data folder itself (where the split was drawn from it); None where validate.py cannot
+    read it (a torchvision set, several merged folders)."""
+    if getattr(args, "dataset", None) not in (None, "imagefolder") or getattr(args, "data_glob", None):
+        return None
+    if not getattr(args, "data_dir", None) or not Path(args.data_dir).exists():
+        return None
+    root = Path(args.data_dir)
+    if task == "segmentation":
+        return root if (root / "imgs").is_dir() else None
+    return next((root / split for split in ("test", "val") if (root / split).is_dir()), root)
 
 
 def place_model(model: nn.Module, args: argparse.Namespace, s: Session, channels_last: bool,
@@ -134,7 +228,7 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
         raise NonFiniteStop(exc.report, f"{exc.summary}; {_saved_before(args, s, job, state)}",
                             exc.advice) from None
     if job.summary is not None and state.best_metric is not None:
-        s.log(job.summary(state))
+        close_job(s, args, job, state, job.summary(state))
     return state
 
 

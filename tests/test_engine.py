@@ -131,3 +131,67 @@ def test_restore_best_puts_the_best_epochs_weights_back():
     assert state.best_epoch < state.epoch  # the last epoch was not the best one
     for key, value in model.state_dict().items():
         assert torch.equal(value, best[key]), key
+
+
+class FakeBar:
+    """Stands in for tqdm: records the description and every postfix the engine sets."""
+    made: list[FakeBar] = []
+
+    def __init__(self, iterable=None, desc: str = "", **kwargs):
+        self.iterable, self.desc, self.postfixes = iterable, desc, []
+        if iterable is None:  # the training bar (evaluate() wraps its loader, without a bar here)
+            FakeBar.made.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, values, refresh: bool = True) -> None:
+        self.postfixes.append(dict(values))
+
+
+def test_the_bar_shows_the_metrics_of_an_epoch_shorter_than_the_log_interval(monkeypatch):
+    import common.engine as engine
+
+    monkeypatch.setattr(engine, "tqdm", FakeBar)
+    FakeBar.made = []
+    model = TinyMLP(3, pool=4, hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = Schedule(opt, "none", epochs=2, steps_per_epoch=3)
+    state = fit(model, ClassificationTask(3), batches(3), batches(2, seed=5), opt, schedule,
+                make_precision(CPU, amp=False), CPU, epochs=2, state=TrainState(),
+                step_cfg=StepConfig(log_interval=20, show_progress=True), log=lambda _: None)
+    first, second = FakeBar.made
+    assert len(first.postfixes) == 1  # 3 batches, log interval 20: shown once, at the end
+    shown = first.postfixes[0]
+    record = state.history[0]
+    assert shown["loss"] == f"{record['train_loss']:.4f}"
+    assert shown["acc"] == f"{100 * record['train_acc']:.2f}%"  # in % like the epoch line
+    assert shown["lr"] == "1.00e-01" and "img/s" in shown
+    # the second epoch's bar names the first epoch's validation result (which picks the best)
+    assert first.desc == "epoch 1/2"
+    assert second.desc == f"epoch 2/2 (last val acc {100 * record['val_acc']:.2f}%)"
+
+
+def test_the_bar_keeps_its_interval_postfixes_and_ends_with_the_epoch(monkeypatch):
+    import common.engine as engine
+
+    monkeypatch.setattr(engine, "tqdm", FakeBar)
+    FakeBar.made = []
+    model = TinyMLP(3, pool=4, hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = train_one_epoch(model, ClassificationTask(3), batches(5), opt,
+                              Schedule(opt, "none", epochs=1, steps_per_epoch=5),
+                              make_precision(CPU, amp=False), CPU,
+                              StepConfig(log_interval=2, show_progress=True), TrainState())
+    (bar,) = FakeBar.made
+    assert len(bar.postfixes) == 3  # after batches 2 and 4, then the epoch's own numbers
+    assert bar.postfixes[-1]["loss"] == f"{metrics['loss']:.4f}"

@@ -178,3 +178,31 @@ def test_tensorboard_missing_is_a_notice(tmp_path, monkeypatch):
     board.close()
     assert len(logged) == 1 and "pip install tensorboard" in logged[0]
     assert not (tmp_path / "tb").exists()
+
+
+SEGMENTATION = {"epoch": 3, "train_loss": 0.61, "train_dice": 0.55, "train_iou": 0.4, "val_loss": 0.52,
+                "val_dice": 0.71234, "val_iou": 0.5678, "lr": 1e-4, "samples_per_s": 1.26, "epoch_time": 80.0}
+
+
+def test_format_epoch_shows_dice_and_iou_for_segmentation():
+    line = rep.format_epoch(SEGMENTATION, epochs=5, improved=True)
+    assert "train loss 0.6100 Dice 0.5500 |" in line  # train Dice; its IoU would only lengthen the line
+    assert "val loss 0.5200 Dice 0.7123 IoU 0.5678 |" in line
+    assert "acc" not in line
+    assert "| 1.3 img/s |" in line and line.endswith("* best")
+
+
+@pytest.mark.parametrize("rate, shown", [(0.254, "0.25"), (1.26, "1.3"), (9.94, "9.9"), (10.4, "10"),
+                                         (120.0, "120"), (1234.6, "1235")])
+def test_throughput_has_a_decimal_when_small(rate, shown):
+    assert rep.format_rate(rate) == shown
+    assert f"| {shown} img/s |" in rep.format_epoch(dict(SEGMENTATION, samples_per_s=rate), 5, False)
+    assert rep.progress_fields({"loss": 0.5}, 1e-3, rate)["img/s"] == shown
+
+
+def test_progress_bar_fields_and_title_for_segmentation():
+    shown = rep.progress_fields({"loss": 0.61, "dice": 0.55, "iou": 0.4}, 1e-4, 1.26)
+    assert shown == {"loss": "0.6100", "dice": "0.5500", "iou": "0.4000", "lr": "1.00e-04", "img/s": "1.3"}
+    assert rep.progress_fields({"acc": 0.9}, 1e-3, 50)["acc"] == "90.00%"
+    assert rep.progress_title(4, 5, [SEGMENTATION]) == "epoch 4/5 (last val Dice 0.7123 IoU 0.5678)"
+    assert rep.progress_title(1, 5, []) == "epoch 1/5"
