@@ -254,11 +254,30 @@ def start_batchnorm(plain: nn.Module, loader: Any, channels_last: bool, device, 
             inputs = _first_inputs(loader).to(device, non_blocking=True)
             if channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            layers = calibrate_batchnorm(plain, inputs)
+            layers, used = _calibrate_within_memory(plain, inputs)
     finally:
         random.setstate(python_state)
+    if used == 0:
+        log("batch norm: not even one image fits for the start statistics (out of memory); the running "
+            "statistics start as usual")
+        return
     log(f"batch norm: running statistics of {layers} layers start from a training batch of "
-        f"{inputs.shape[0]} (a model trained from scratch)")
+        f"{used} (a model trained from scratch)")
+
+
+def _calibrate_within_memory(plain: nn.Module, inputs: torch.Tensor) -> tuple[int, int]:
+    """calibrate_batchnorm on the batch, or on its first half, quarter ... where the device runs out
+    of memory (the training step has its own recovery, which has not started yet). Returns the
+    layers set and the images used (0: none fitted)."""
+    count = inputs.shape[0]
+    while count >= 1:
+        try:
+            return calibrate_batchnorm(plain, inputs[:count]), count
+        except torch.OutOfMemoryError:
+            if inputs.is_cuda:
+                torch.cuda.empty_cache()
+            count //= 2
+    return 0, 0
 
 
 def _first_inputs(loader: Any) -> torch.Tensor:

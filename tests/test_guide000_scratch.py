@@ -165,3 +165,34 @@ def test_the_guide_default_model_starts_at_a_sane_loss(dataset, tmp_path):
     with open(out / "metrics.csv", newline="") as fh:
         first = next(csv.DictReader(fh))
     assert float(first["train_loss"]) < 1.5, first
+
+
+class _Fits(nn.Module):
+    """A BatchNorm model that runs out of memory on batches larger than `limit` in training."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.limit = limit
+
+    def forward(self, x):
+        if self.training and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self.bn(x)
+
+
+@pytest.mark.parametrize("limit, used", [(8, 8), (3, 2), (0, 0)])
+def test_the_batchnorm_start_fits_in_memory_or_is_left_out(limit, used):
+    from common.classify import start_batchnorm
+
+    model = _Fits(limit)
+    inputs = torch.randn(8, 3, 4, 4) * 5 + 2
+    messages: list[str] = []
+    start_batchnorm(model, [(inputs, torch.zeros(8))], False, torch.device("cpu"), messages.append)
+    assert len(messages) == 1
+    if used:
+        assert f"start from a training batch of {used} " in messages[0]
+        torch.testing.assert_close(model.bn.running_mean, inputs[:used].mean((0, 2, 3)))
+    else:
+        assert "not even one image fits" in messages[0]
+        assert torch.equal(model.bn.running_mean, torch.zeros(3))  # the usual start
