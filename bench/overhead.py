@@ -223,7 +223,8 @@ def step_rounds(args: argparse.Namespace, base: nn.Module, batches: list[Batch],
     bare_epoch_s = n * statistics.median(bare_steps)
     engine_epoch_s = bare_epoch_s / statistics.median(pairs) + statistics.median(outside)
     print(f"engine per-epoch costs outside its steps: {1e3 * statistics.median(outside):.2f} ms "
-          f"(median); median bare step {1e3 * statistics.median(bare_steps):.2f} ms")
+          f"(median); median bare step {1e3 * statistics.median(bare_steps):.2f} ms; "
+          f"median bare/engine step time {statistics.median(pairs):.4f}")
     return rounds, Rates(images / bare_epoch_s, images / engine_epoch_s)
 
 

@@ -131,7 +131,13 @@ def test_guide_config_file_runs_and_is_written_back(tmp_path, recordings, capsys
     resolved = json.loads((out / "config.json").read_text())
     assert (resolved["lr"], resolved["batch_size"]) == (0.003, 16)
     assert resolved["amp"] is True and resolved["drop_last"] is True
-    assert "notice: --amp" in capsys.readouterr().out  # use_amp reached the precision setup (CPU)
+    printed = capsys.readouterr().out
+    # use_amp reached the precision setup: float16 with a GradScaler on a GPU, a notice on the CPU
+    if torch.cuda.is_available():
+        assert "precision: float16 autocast + GradScaler" in printed
+    else:
+        assert "notice: --amp is off on cpu (float16 autocast needs CUDA)" in printed
+        assert "precision: float32" in printed
     # the written config is a valid --config itself
     args = behavior.resolve_args(rbc.build_parser(), ["--config", str(out / "config.json")])
     assert args.lr == 0.003 and args.models == ["cnn"]
@@ -208,7 +214,8 @@ def test_mixed_precision_is_amp():
     assert quick.epochs == behavior.QUICK_START["epochs"] < args.epochs
 
 
-def test_test_gpu_without_a_gpu_says_so_and_exits_0(capsys):
+def test_test_gpu_without_a_gpu_says_so_and_exits_0(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without one, wherever it runs
     assert rbc.main(["--test-gpu"]) == 0
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "no CUDA GPU is available" in out

@@ -117,9 +117,16 @@ def test_data_path_leaves_out_parts_not_asked_for(benches, capsys):
     argv = ["--parts", "data32", "--images-32", "12", "--batch-size", "4", "--workers", "0",
             "--rounds", "1", "--warmup", "0"]
     assert benches["data_path"].main(argv) == 0
-    result = last_json(capsys.readouterr().out, {"data_ratio_32", "data_ratio_224", "epoch_ratio"})
+    out = capsys.readouterr().out
+    result = last_json(out, {"data_ratio_32", "data_ratio_224", "epoch_ratio"})
     assert result["data_ratio_224"] is None and result["epoch_ratio"] is None
-    assert result["data_ratio_32"] > 0
+    tables = data_path_tables(out)
+    assert set(tables) == {"data32"}
+    [row] = tables["data32"]["rounds"]
+    assert set(row) == {"loader-0w", "cache", "cache-1t", "ratio"}
+    assert close(row["ratio"], row["cache"] / row["loader-0w"])
+    assert close(result["data_ratio_32"], row["ratio"])
+    assert close(tables["data32"]["median"]["ratio"], row["ratio"])
 
 
 # ------------------------------------------------------------------ time_to_accuracy

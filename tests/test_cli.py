@@ -136,11 +136,25 @@ def test_pin_memory_tristate(argv, expected):
     assert type(args.pin_memory) is type(expected)
 
 
-def test_tristate_rejects_garbage():
-    with pytest.raises(argparse.ArgumentTypeError):
+def test_tristate_rejects_garbage(capsys):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected auto, true or false, got 'maybe'"):
         cli.tristate("maybe")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         make_parser().parse_args(["--pin-memory", "maybe"])
+    assert exc.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].endswith(": error: argument --pin-memory: expected auto, true or "
+                                                  "false, got 'maybe'")
+
+
+def test_help_exits_0_with_the_usage_on_stdout(capsys):
+    with pytest.raises(SystemExit) as exc:
+        make_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: ")
+    assert "--pin-memory" in captured.out and "--no-gpu" in captured.out
+    assert captured.err == ""
 
 
 def test_given_on_command_line_returns_only_typed_flags():

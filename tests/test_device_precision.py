@@ -32,27 +32,29 @@ def test_auto_picks_cpu_silently(no_cuda):
 def test_cuda_without_cuda_falls_back_with_notice(no_cuda, name):
     logged: list[str] = []
     assert dev.select_device(name, log=logged.append) == CPU
-    assert len(logged) == 1
-    assert "notice" in logged[0] and "CUDA is not available" in logged[0]
+    assert logged == [f"notice: --device {name.lower()} requested but CUDA is not available; using the CPU"]
 
 
 def test_mps_without_mps_falls_back_with_notice(no_cuda):
     logged: list[str] = []
     assert dev.select_device("mps", log=logged.append) == CPU
-    assert len(logged) == 1 and "MPS" in logged[0]
+    assert logged == ["notice: --device mps requested but MPS is not available; using the CPU"]
 
 
 def test_unknown_device_is_a_user_error(no_cuda):
     with pytest.raises(UserError) as info:
         dev.select_device("bogus")
-    assert "'bogus'" in str(info.value)
-    assert "cpu" in str(info.value) and "cuda" in str(info.value)
+    assert str(info.value) == "unknown --device 'bogus'; use auto, cpu, cuda, cuda:N or mps"
 
 
 def test_no_gpu_and_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with a "GPU" present
-    assert dev.select_device("cuda", no_gpu=True) == CPU
-    assert dev.select_device("cpu") == CPU
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("no GPU may be chosen"))
+    logged: list[str] = []
+    assert dev.select_device("cuda", no_gpu=True, log=logged.append) == CPU
+    assert dev.select_device("auto", gpu_id=1, no_gpu=True, log=logged.append) == CPU
+    assert dev.select_device("cpu", log=logged.append) == CPU
+    assert logged == []  # asked for, so nothing to explain
 
 
 def test_gpu_index_beyond_visible_gpus_is_a_user_error(monkeypatch):
@@ -61,9 +63,11 @@ def test_gpu_index_beyond_visible_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     with pytest.raises(UserError) as info:
         dev.select_device("auto", gpu_id=2)
-    assert "GPU 2" in str(info.value) and "CUDA_VISIBLE_DEVICES=3" in str(info.value)
-    with pytest.raises(UserError, match="cuda:N"):
+    assert str(info.value) == ("GPU 2 requested but only 1 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3); "
+                               "pass --gpu-id between 0 and 0")
+    with pytest.raises(UserError) as info:
         dev.select_device("cuda:x")
+    assert str(info.value) == "bad --device 'cuda:x'; write cuda:N with N a GPU index (0, 1, ...)"
 
 
 def test_pin_memory_and_channels_last_on_cpu():
@@ -78,7 +82,7 @@ def test_pin_memory_and_channels_last_on_cpu():
     assert dev.resolve_channels_last("auto", CPU, log=logged.append) is False
     assert logged == []
     assert dev.resolve_channels_last(True, CPU, log=logged.append) is False
-    assert len(logged) == 1 and "channels-last" in logged[0]
+    assert logged == ["notice: --channels-last only speeds up CUDA; kept off on cpu"]
     assert dev.resolve_channels_last("auto", cuda, log=logged.append) is True
     assert dev.resolve_channels_last(False, cuda, log=logged.append) is False
 
@@ -86,7 +90,7 @@ def test_pin_memory_and_channels_last_on_cpu():
 def test_memory_fraction_on_cpu_is_a_notice():
     logged: list[str] = []
     dev.set_memory_fraction(0.5, CPU, log=logged.append)
-    assert len(logged) == 1 and "gpu-memory-fraction" in logged[0]
+    assert logged == ["notice: --gpu-memory-fraction applies to CUDA only; ignored on cpu"]
     dev.set_memory_fraction(None, CPU, log=logged.append)
     assert len(logged) == 1
 
@@ -98,10 +102,11 @@ def test_memory_fraction_out_of_range(fraction):
 
 
 def test_default_num_workers(monkeypatch):
-    n = dev.default_num_workers(CPU)
-    assert isinstance(n, int) and n >= 0
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: None)  # unknown: as one core
+    assert dev.default_num_workers(CPU) == 0
     monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
     assert dev.default_num_workers(CPU) == 0
+    assert dev.default_num_workers(torch.device("cuda", 0)) == 1  # a GPU is fed by one worker
     monkeypatch.setattr(dev.os, "cpu_count", lambda: 64)
     monkeypatch.setattr(dev.sys, "platform", "win32")
     assert dev.default_num_workers(CPU) == 4
@@ -126,7 +131,23 @@ def test_seed_everything_repeats_all_generators():
 
 
 def test_describe_cpu():
-    assert dev.describe(CPU).startswith("device: cpu")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert dev.describe(CPU) == f"device: cpu ({n} threads; no GPU in use)"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_describe_cuda(monkeypatch):
+    props = type("Props", (), {"name": "NVIDIA GeForce RTX 3090", "total_memory": 24 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert dev.describe(torch.device("cuda", 1)) == ("device: cuda:1 (NVIDIA GeForce RTX 3090, 24.0 GiB, "
+                                                     "CUDA 12.4, cuDNN 90100)")
+    assert dev.describe(torch.device("mps")) == "device: mps (Apple GPU)"
 
 
 # ---------------------------------------------------------------- precision
@@ -136,7 +157,8 @@ def test_amp_on_cpu_is_off_with_notice():
     p = prec.make_precision(CPU, amp=True, log=logged.append)
     assert p.enabled is False and p.dtype is None
     assert not p.scaler.is_enabled()
-    assert len(logged) == 1 and "--amp-dtype bfloat16" in logged[0]
+    assert logged == ["notice: --amp is off on cpu (float16 autocast needs CUDA); add --amp-dtype bfloat16 "
+                      "to train in bfloat16 here"]
     assert p.describe() == "precision: float32"
     x = torch.randn(4, 4)
     with p.autocast():
@@ -155,7 +177,7 @@ def test_bfloat16_on_cpu_really_autocasts():
     assert p.enabled and p.dtype is torch.bfloat16
     assert not p.scaler.is_enabled()
     assert logged == []
-    assert "bfloat16" in p.describe() and "GradScaler" not in p.describe()
+    assert p.describe() == "precision: bfloat16 autocast"  # no GradScaler
     x = torch.randn(4, 4)
     with p.autocast():
         assert (x @ x).dtype == torch.bfloat16
@@ -195,7 +217,7 @@ def test_cuda_without_bfloat16_falls_back_to_float16(fake_cuda, monkeypatch):
     p = prec.make_precision(torch.device("cuda", 0), amp=True, amp_dtype="bfloat16",
                             log=logged.append)
     assert p.dtype is torch.float16 and p.scaler.is_enabled()
-    assert len(logged) == 1 and "float16" in logged[0]
+    assert logged == ["notice: this GPU lacks bfloat16; using float16 with GradScaler"]
 
 
 def test_cuda_without_amp_has_no_scaler(fake_cuda):

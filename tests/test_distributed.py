@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ from common.distributed import ShardSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+# the runs below are 2 CPU processes on gloo, also on a machine with a GPU (1 GPU cannot hold 2 ranks)
+DDP_FAST = [*FAST, "--no-gpu"]
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2, restarts: int = 0, timeout: float = 240
@@ -61,40 +62,117 @@ def test_training_shards_are_equal_and_match_one_process_order():
     assert interleaved[:n] == order and set(interleaved[n:]) <= set(order)
 
 
-def _reference(mode: str) -> dict[str, torch.Tensor]:
+MODES = ("plain", "syncbn", "accum", "cached")
+EVEN, UNEVEN, ODD_SHARES = 64, 61, 62  # data set sizes equivalence.py trains on
+
+
+def _reference(mode: str, n: int = EVEN, as_dealt: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The 1-process run at the global batch (2 x batch x accumulation, no accumulation): its weights
+    and the samples its training totals counted per epoch. as_dealt: it reads the data in the order
+    the 2 ranks are dealt it together, the repeated tail included."""
     sys.path.insert(0, str(SCRIPTS))
     import equivalence
 
     batch, accumulate = equivalence.MODES[mode]
-    model = equivalence.train(mode, batch * 2 * accumulate, 1, rank=0, world=1)
-    return model.state_dict()
+    model, counts = equivalence.train(mode, batch * 2 * accumulate, 1, rank=0, world=1, n=n,
+                                      as_dealt_to=2 if as_dealt else None)
+    return model.state_dict(), counts
 
 
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def test_two_process_ddp_equals_one_process_with_double_batch(tmp_path):
-    result = torchrun(SCRIPTS / "equivalence.py", str(tmp_path))
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """One torchrun of equivalence.py (2 processes, gloo), every mode on 64 samples (8 steps of
+    2 x 4 per epoch), on 61 (the order is padded with one repeated sample to 2 x 31, and each
+    rank's last batch holds 3 of 4; with accumulation, each rank's last group is a batch of 2 and
+    one of 1) and on 62 (no padding; the same short last batches)."""
+    out = tmp_path_factory.mktemp("ddp")
+    args = [str(out), str(EVEN), str(UNEVEN), str(ODD_SHARES)]
+    result = torchrun(SCRIPTS / "equivalence.py", *args)
     if result.returncode != 0 and TEARDOWN_ABORT in result.stderr:
         # A gloo process sometimes aborts in C++ teardown after every result is written (about 1
         # run in 10-20 on this 2-core machine; root cause not found, see the session note of
         # issue 10). Run once more; a failure that repeats still fails the test.
-        result = torchrun(SCRIPTS / "equivalence.py", str(tmp_path))
+        result = torchrun(SCRIPTS / "equivalence.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    # 2 epochs x 8 optimizer steps, one gradient bucket: one all-reduce per optimizer step, so
-    # with accumulation (2 micro-steps per optimizer step) the first micro-step skipped it
-    for mode in ("plain", "syncbn", "accum", "cached"):
-        assert (tmp_path / f"{mode}.allreduces").read_text() == "16", mode
-    for mode in ("plain", "syncbn", "accum", "cached"):
-        ddp = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
-        single = _reference(mode)
-        assert ddp.keys() == single.keys()
-        for key, value in single.items():
-            if value.is_floating_point():
-                torch.testing.assert_close(ddp[key], value, atol=1e-5, rtol=1e-5,
-                                           msg=f"{mode}: {key} differs")
-            else:
-                assert torch.equal(ddp[key], value), f"{mode}: {key}"
+    return out
+
+
+def ranks_of(out: Path, mode: str, n: int) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """(weights, {"allreduces", "counts"}) of rank 0 and rank 1."""
+    return [(torch.load(out / f"{mode}_{n}.rank{r}.pt", weights_only=True),
+             json.loads((out / f"{mode}_{n}.rank{r}.json").read_text())) for r in range(2)]
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == expected.keys(), what
+    for key, value in expected.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=f"{what}: {key} differs")
+        else:
+            assert torch.equal(got[key], value), f"{what}: {key}"
+
+
+def test_two_process_ddp_equals_one_process_with_double_batch(ddp_runs):
+    for mode in MODES:
+        single, counts = _reference(mode)
+        assert counts == [EVEN, EVEN]
+        for rank, (weights, info) in enumerate(ranks_of(ddp_runs, mode, EVEN)):
+            # 2 epochs x 8 optimizer steps, one gradient bucket: one all-reduce per optimizer step,
+            # so with accumulation (2 micro-steps per optimizer step) the first micro-step skipped it
+            assert info["allreduces"] == 16, (mode, rank)
+            assert info["counts"] == [EVEN, EVEN], (mode, rank)  # every sample once per epoch
+            assert_same_weights(weights, single, f"{mode}, rank {rank}")
+
+
+@pytest.mark.parametrize("n", [UNEVEN, ODD_SHARES])
+@pytest.mark.parametrize("mode", MODES)
+def test_uneven_data_keeps_every_rank_identical(ddp_runs, mode, n):
+    """Padding and short last batches: every rank takes the same 8 steps per epoch and ends with
+    bit-identical weights (no rank waits for another, none drifts)."""
+    (w0, info0), (w1, info1) = ranks_of(ddp_runs, mode, n)
+    assert info0["allreduces"] == info1["allreduces"] == 16
+    assert w0.keys() == w1.keys()
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), f"{mode}: {key} differs between the ranks"
+
+
+ACCUMULATION_TAIL = (
+    "engine._micro_steps weights each micro-batch of an accumulation group by 1/group_size, not by "
+    "its share of the group's samples: a short last micro-batch (1 sample next to 2) weighs twice per "
+    "sample, so the step differs from one batch of the group's samples (also in one process)")
+
+
+@pytest.mark.parametrize("n", [UNEVEN, ODD_SHARES])
+@pytest.mark.parametrize("mode", [*(m for m in MODES if m != "accum"),
+                                  pytest.param("accum", marks=pytest.mark.xfail(strict=True,
+                                                                                reason=ACCUMULATION_TAIL))])
+def test_uneven_data_every_rank_equals_one_process_reading_the_order_as_dealt(ddp_runs, mode, n):
+    """61 samples on 2 ranks: the shuffled order is padded with its first sample (the README: "the
+    last few images repeated so that every process gets the same number of batches"), so the
+    reference is one process at the global batch that reads that padded order: 7 batches of 8 and
+    one of 6 per epoch. With 62 samples there is no padding and that is the plain 1-process run
+    (7 x 8 + 6). Every rank's weights must equal it."""
+    single, counts = _reference(mode, n, as_dealt=True)
+    assert counts == [2 * 31, 2 * 31]  # the order as dealt: 31 per rank
+    if n == ODD_SHARES:
+        plain, _ = _reference(mode, n)
+        assert_same_weights(single, plain, "62 samples need no padding")
+    for rank, (weights, _) in enumerate(ranks_of(ddp_runs, mode, n)):
+        assert_same_weights(weights, single, f"{mode} on {n} samples, rank {rank}")
+
+
+@pytest.mark.xfail(strict=True, reason="the repeated sample of the padded order is counted twice in "
+                                       "the reduced training totals (62 for 61 samples)")
+def test_uneven_data_counts_every_training_sample_once(ddp_runs):
+    """DESIGN: metrics are reduced across ranks so that every sample counts exactly once. The
+    training loss and accuracy of an epoch on 61 samples must count 61, as one process does."""
+    assert _reference("plain", UNEVEN)[1] == [UNEVEN, UNEVEN]
+    for mode in MODES:
+        for rank, (_, info) in enumerate(ranks_of(ddp_runs, mode, UNEVEN)):
+            assert info["counts"] == [UNEVEN, UNEVEN], (mode, rank)
 
 
 @pytest.fixture
@@ -110,7 +188,7 @@ def odd_dataset(tmp_path: Path) -> Path:
 def test_self_launched_two_processes_end_to_end(odd_dataset, tmp_path, capsys):
     out = tmp_path / "out"
     code = multi_gpu_train.main(["--distributed", "--nproc-per-node", "2", "--data-dir", str(odd_dataset),
-                                 "--output", str(out), *FAST, "--epochs", "3"])
+                                 "--output", str(out), *DDP_FAST, "--epochs", "3"])
     assert code == 0
     assert "launching 2 processes" in capsys.readouterr().out
     for name in ("checkpoint.pth", "best_model.pth", "metrics.csv", "training.log", "curves.png"):
@@ -135,22 +213,36 @@ def test_self_launched_two_processes_end_to_end(odd_dataset, tmp_path, capsys):
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(dataset, tmp_path):
-    started = time.monotonic()
-    result = torchrun(SCRIPTS / "fail_rank1.py", "--data-dir", str(dataset), "--output", str(tmp_path / "o"),
-                      *FAST, "--epochs", "5", timeout=120)
-    elapsed = time.monotonic() - started
-    assert result.returncode != 0
-    assert elapsed < 60
+    """Rank 1 raises at its 3rd step; torchrun's agent must name rank 1 and its error, and stop rank 0
+    (blocked in the next all-reduce) instead of letting it wait: the subprocess timeout is the only
+    clock, no wall time is asserted."""
+    out = tmp_path / "o"
+    result = torchrun(SCRIPTS / "fail_rank1.py", "--data-dir", str(dataset), "--output", str(out),
+                      *DDP_FAST, "--epochs", "5", timeout=180)
+    assert result.returncode == 1
     output = result.stdout + result.stderr
     # torchrun's summary names the first failing rank and shows its error
-    assert re.search(r"Root Cause.*?rank\s*:\s*1 .*?RuntimeError: injected failure on rank 1 at step 3",
-                     output, re.S), output[-3000:]
+    root = re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*1 \(pid: (\d+)\)"
+                     r".*?RuntimeError: injected failure on rank 1 at step 3", output, re.S)
+    assert root, output[-3000:]
+    assert f"failed (exitcode: 1) local_rank: 1 (pid: {root[1]})" in output  # the agent saw rank 1 fail
+    # rank 0 did not end on its own: it is in the failure table, stopped by the agent's SIGTERM (or,
+    # if gloo noticed the lost peer first, ended by that error); it never went past epoch 1
+    other = re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", output)
+    assert other, output[-3000:]
+    if other[1] == "-15":
+        assert f"Sending process {other[2]} closing signal SIGTERM" in output
+        assert f"Signal 15 (SIGTERM) received by PID {other[2]}" in output
+    else:
+        assert other[1] != "0", output[-3000:]
+    log = (out / "training.log").read_text()
+    assert "epoch 1/5 |" in log and "epoch 2/5 |" not in log
 
 
 def test_max_restarts_resumes_from_the_last_checkpoint(dataset, tmp_path):
     out = tmp_path / "o"
     result = torchrun(SCRIPTS / "crash_once.py", "--data-dir", str(dataset), "--output", str(out),
-                      *FAST, "--epochs", "3", restarts=1)
+                      *DDP_FAST, "--epochs", "3", restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -161,11 +253,11 @@ def test_max_restarts_resumes_from_the_last_checkpoint(dataset, tmp_path):
 
 def test_resume_under_ddp_from_a_one_process_checkpoint(dataset, tmp_path):
     out = tmp_path / "o"
-    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(out), *FAST, "--epochs", "1"]) == 0
+    assert gpu_train.main(["--data-dir", str(dataset), "--output", str(out), *DDP_FAST, "--epochs", "1"]) == 0
     one = load_checkpoint(out / "checkpoint.pth")
     # gpu_train.py itself under torchrun: one engine, one code path
     result = torchrun(ROOT / "gpu_train.py", "--resume", str(out / "checkpoint.pth"), "--epochs", "2",
-                      "--num-workers", "0")
+                      "--num-workers", "0", "--no-gpu")
     assert result.returncode == 0, result.stderr[-3000:]
     two = load_checkpoint(out / "checkpoint.pth")
     assert two["train_state"]["epoch"] == 2
@@ -187,7 +279,7 @@ def test_lr_scale_linear(dataset, tmp_path, capsys):
 def test_without_gpus_and_without_nproc_it_runs_one_process(dataset, tmp_path, capsys):
     out = tmp_path / "o"
     assert multi_gpu_train.main(["--distributed", "--data-dir", str(dataset), "--output", str(out),
-                                 *FAST, "--epochs", "1"]) == 0
+                                 *DDP_FAST, "--epochs", "1"]) == 0
     assert "single process" in capsys.readouterr().out
     assert (out / "best_model.pth").is_file()
 
@@ -197,7 +289,7 @@ def test_a_user_error_in_every_rank_is_one_line_and_exit_code_2(tmp_path):
     not one per rank, nor torch's failure table and traceback."""
     result = subprocess.run([sys.executable, str(ROOT / "multi_gpu_train.py"), "--distributed",
                              "--nproc-per-node", "2", "--data-dir", str(tmp_path / "missing"),
-                             "--output", str(tmp_path / "o")], capture_output=True, text=True,
+                             "--output", str(tmp_path / "o"), "--no-gpu"], capture_output=True, text=True,
                             timeout=240, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -208,7 +300,7 @@ def test_a_user_error_in_every_rank_is_one_line_and_exit_code_2(tmp_path):
 def test_a_crash_under_the_self_launch_shows_which_rank_failed(dataset, tmp_path):
     from common.launch import launch_command
 
-    args = ["--data-dir", str(dataset), "--output", str(tmp_path / "o"), *FAST, "--epochs", "5"]
+    args = ["--data-dir", str(dataset), "--output", str(tmp_path / "o"), *DDP_FAST, "--epochs", "5"]
     cmd = launch_command(str(SCRIPTS / "fail_rank1.py"), 2, 0, args)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

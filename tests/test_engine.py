@@ -81,8 +81,15 @@ def test_bfloat16_autocast_trains_on_cpu():
     before = [p.detach().clone() for p in model.parameters()]
     precision = make_precision(CPU, amp=True, amp_dtype="bfloat16", log=lambda _: None)
     assert precision.dtype is torch.bfloat16 and not precision.scaler.is_enabled()
+    seen = []  # (layer, output dtype, grad enabled) of every forward of the two Linear layers
+    for index in (2, 4):
+        model.net[index].register_forward_hook(
+            lambda mod, args, out, index=index: seen.append((index, out.dtype, torch.is_grad_enabled())))
     run_engine(model, batches(3), 1, precision=precision)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # each of the 3 training steps ran both layers under bfloat16 autocast, with autograd on
+    assert seen == [(i, torch.bfloat16, True) for _ in range(3) for i in (2, 4)]
+    assert all(p.dtype is torch.float32 for p in model.parameters())  # the weights stay float32
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_fit_tracks_best_and_stops_early():

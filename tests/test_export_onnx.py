@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import FAST, make_folder
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from torch import nn
 
 import export_onnx
@@ -22,6 +23,7 @@ import gpu_train
 from common import export
 from common import models as models_mod
 from common.checkpoint import VERSION, atomic_save, load_checkpoint, make_payload
+from common.data import segmentation as seg
 from common.data.images import eval_transform, load_rgb, preprocessing
 from common.inference import load_for_inference
 
@@ -104,8 +106,14 @@ def test_static_batch_and_old_opset(trained, tmp_path, capfd):
     assert dims(model.graph.input[0]) == [1, 3, 32, 32]
     assert next(o.version for o in model.opset_import if o.domain == "") == 17
     s = session(out)
-    assert s.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 2)
-    with pytest.raises(Exception, match="(?i)dimension|shape"):
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loaded = load_for_inference(trained["ckpt"], torch.device("cpu"))
+    with torch.no_grad():
+        expected = loaded.model(x).numpy()
+    got = s.run(None, {"input": x.numpy()})[0]
+    assert got.shape == (1, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    with pytest.raises(InvalidArgument, match="(?i)dimension|shape"):
         s.run(None, {"input": np.zeros((2, 3, 32, 32), np.float32)})
 
 
@@ -125,9 +133,12 @@ def test_resnet18_with_img_size_override(tmp_path, capsys):
     meta = {p.key: p.value for p in model_proto.metadata_props}
     assert meta["img_size"] == "32" and meta["model_source"] == "torchvision"
     assert json.loads(meta["preprocessing"])["resize_size"] == 37  # 64 -> 73 scaled to 32, as training does
-    got = session(out).run(None, {"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32),
-                                                                                     dtype=np.float32)})[0]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    got = session(out).run(None, {"input": x})[0]
     assert got.shape == (2, 3)
+    with torch.no_grad():
+        expected = load_for_inference(ckpt, torch.device("cpu")).model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
 def test_outputs_above_tolerance_are_an_error_and_keep_the_old_file(trained, tmp_path, capsys, monkeypatch):
@@ -142,6 +153,37 @@ def test_outputs_above_tolerance_are_an_error_and_keep_the_old_file(trained, tmp
     assert "above --atol 0.0001" in err and "larger --atol" in err and err.count("\n") == 1
     assert out.read_bytes() == b"the user's earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # temp folder removed
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_a_unet_exports_with_the_logits_pytorch_gives(tmp_path, capsys, bilinear):
+    """A segmentation checkpoint (U-Net of width 8, either upsampling, batch-norm statistics away from
+    their defaults): onnxruntime's per-pixel class logits equal PyTorch's at a batch of 3."""
+    model, spec = models_mod.build_model("unet", 2, bilinear=bilinear, base=8)
+    gen = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=gen))
+            module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=gen))
+    payload = make_payload(model, task="segmentation", model_spec=spec,
+                           meta={"mask_values": [0, 255], "classes": ["0", "255"],
+                                 "preprocessing": seg.preprocessing(1.0)}, metrics={}, config={})
+    ckpt = tmp_path / "unet.pth"
+    atomic_save(payload, ckpt)
+    out = tmp_path / "unet.onnx"
+    assert export_onnx.main(["--model", str(ckpt), "--output", str(out), "--img-size", "32"]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["task"] == "segmentation" and json.loads(meta["mask_values"]) == [0, 255]
+    assert dims(proto.graph.input[0]) == ["batch", 3, 32, 32]
+    x = torch.rand(3, 3, 32, 32, generator=gen)
+    got = session(out).run(None, {"input": x.numpy()})[0]
+    assert got.shape == (3, 2, 32, 32)  # dynamic batch, a class map per pixel
+    with torch.no_grad():
+        expected = load_for_inference(ckpt, torch.device("cpu"), tasks=("segmentation",)).model(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert (got.argmax(1) == expected.argmax(1)).mean() > 0.999  # the same masks
 
 
 class CumMaxNet(nn.Module):

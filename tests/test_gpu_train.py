@@ -36,7 +36,8 @@ def test_train_then_validate(dataset, tmp_path, capsys):
     best = max(float(r["val_acc"]) for r in rows)
     assert best > 0.75  # two easy classes: well above chance (0.5)
     log = (out / "training.log").read_text()
-    assert "epoch 4/4" in log and "device: cpu" in log
+    assert "epoch 4/4" in log  # --device auto: the GPU where there is one, else the CPU
+    assert ("device: cuda:0 (" if torch.cuda.is_available() else "device: cpu (") in log
     config = json.loads((out / "config.json").read_text())
     assert config["label_smoothing"] == 0.1 and config["model"] == "small_cnn"
 

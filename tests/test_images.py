@@ -183,6 +183,18 @@ def mode_images() -> dict[str, Image.Image]:
     }
 
 
+def expected_rgb(mode: str) -> np.ndarray:
+    """The 24x32x3 uint8 pixels each of mode_images() must decode to: grey levels copied to the three
+    channels, the alpha dropped (as torchvision's loader does), the palette looked up, 16 bits scaled
+    by 255/65535 (truncated), floats in [0, 1] by 255, a 1-bit white as 255."""
+    if mode == "I;16":
+        grey = (np.linspace(0, 65535, 32 * 24).reshape(24, 32) / 257.0).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    colour = {"L": (77,) * 3, "LA": (77,) * 3, "RGBA": (200, 100, 50), "P": (0, 255, 0),
+              "CMYK": (255, 0, 255), "F": (127,) * 3, "1": (255,) * 3}[mode]
+    return np.broadcast_to(np.array(colour, dtype=np.uint8), (24, 32, 3))
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "CMYK", "F", "1"])
 def test_to_rgb_any_mode(mode):
     img = mode_images()[mode]
@@ -190,6 +202,9 @@ def test_to_rgb_any_mode(mode):
     assert out.mode == "RGB" and out.size == (32, 24)
     arr = np.asarray(out)
     assert arr.dtype == np.uint8 and arr.shape == (24, 32, 3)
+    # every pixel, not only the first; JPEG (the CMYK file) is lossy by a few levels
+    tolerance = 3 if mode == "CMYK" else 0
+    np.testing.assert_allclose(arr.astype(int), expected_rgb(mode).astype(int), atol=tolerance, rtol=0)
 
 
 def test_to_rgb_values():
@@ -286,10 +301,21 @@ def test_eval_transform_keeps_the_centre():
 
 
 def test_train_transform_shape_and_grayscale_input():
+    """A uniform grey (mode L) picture stays grey in all three channels through crop, flip, rotation
+    and colour jitter, with at most two levels: the grey (brightness and contrast jitter of 0.2 keep
+    its 100 within 0.8 x 0.8 x 100 .. 1.2 x 1.2 x 100) and the darker corners the rotation uncovers."""
     pre = im.preprocessing(24)
-    torch.manual_seed(0)
-    out = im.train_transform(pre)(Image.new("L", (40, 30), 100))
-    assert out.shape == (3, 24, 24)
+    mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = im.train_transform(pre)(Image.new("L", (40, 30), 100))
+        assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+        levels = ((out * std + mean) * 255).round()  # back to the 0-255 levels
+        assert torch.equal(levels[0], levels[1]) and torch.equal(levels[0], levels[2])
+        values = levels[0].unique()
+        centre = levels[0, 12, 12]
+        assert len(values) <= 2 and centre == values.max(), values
+        assert 64 <= centre <= 144, centre
 
 
 def test_image_dataset_decodes_any_mode(tmp_path):
@@ -298,18 +324,28 @@ def test_image_dataset_decodes_any_mode(tmp_path):
         path = tmp_path / f"{i}.png"
         Image.new(mode, (20, 20), value).save(path)
         paths.append((str(path), i))
-    ds = im.ImageDataset(paths, im.eval_transform(im.preprocessing(16)))
+    pre = im.preprocessing(16)
+    ds = im.ImageDataset(paths, im.eval_transform(pre))
     assert len(ds) == 3
-    x, y = ds[1]
-    assert x.shape == (3, 16, 16) and y == 1
+    mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+    # L 10 -> grey 10; RGBA (1, 2, 3, alpha 4) -> (1, 2, 3), alpha dropped; RGB as it is
+    for i, rgb in enumerate([(10, 10, 10), (1, 2, 3), (5, 6, 7)]):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and y == i
+        expected = (torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) / 255 - mean) / std
+        torch.testing.assert_close(x, expected.expand(3, 16, 16), atol=1e-5, rtol=0)
 
 
 def test_image_dataset_bad_file_is_a_user_error(files):
     """Without --skip-bad-images (skip_bad=False) the message names the file and the two flags that
     help; a tool without those flags (skip_bad=None) names none."""
     samples = [(files["good_png"], 0), (files["half_jpg"], 1)]
-    ds = im.ImageDataset(samples, im.eval_transform(im.preprocessing(16)), skip_bad=False)
-    assert ds[0][0].shape == (3, 16, 16)
+    transform = im.eval_transform(im.preprocessing(16))
+    ds = im.ImageDataset(samples, transform, skip_bad=False)
+    x, y = ds[0]
+    with Image.open(files["good_png"]) as img:
+        torch.testing.assert_close(x, transform(img.convert("RGB")), atol=0, rtol=0)
+    assert y == 0
     with pytest.raises(UserError) as info:
         ds[1]
     message = str(info.value)

@@ -12,6 +12,7 @@ import pytest
 from conftest import FAST
 
 import gpu_train
+from common.errors import UserError
 from common.outdir import LOCK_NAME, OutputLock
 
 
@@ -78,7 +79,7 @@ def test_lock_acquire_is_exclusive(tmp_path):
     first, second = OutputLock(tmp_path), OutputLock(tmp_path)
     first.acquire(print)
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
-    with pytest.raises(Exception, match="in use by another run"):
+    with pytest.raises(UserError, match="in use by another run"):
         second.acquire(print)
     first.release()
 

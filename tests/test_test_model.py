@@ -70,8 +70,19 @@ def test_good_checkpoint_passes_every_check(trained, capsys):
     assert hashlib.sha256(trained["model"].read_bytes()).hexdigest() in out
     assert "classes (2): bottom, top" in out
     assert "input (8, 3, 32, 32) -> output (8, 2), all finite" in check_line(out, 3)
-    assert "CPU only" in check_line(out, 2)  # the test machine has no GPU: stated, not failed
-    assert re.search(r"peak process memory \(RSS\) \d+\.\d MiB", check_line(out, 5))
+    if torch.cuda.is_available():  # --device auto takes the GPU
+        from common.device import describe
+
+        shown = describe(torch.device("cuda", 0)).removeprefix("device: ")
+        assert check_line(out, 2) == f"{PASS} 2. device: {shown}"
+        assert re.fullmatch(rf"{re.escape(PASS)} 5\. memory: peak GPU memory of the forward pass \d+\.\d MiB "
+                            r"at batch size 8 \(\d+\.\d% of \d+\.\d GiB\)", check_line(out, 5))
+    else:  # no GPU: stated, not failed
+        threads = torch.get_num_threads()
+        assert check_line(out, 2) == (f"{PASS} 2. device: CPU only ({threads} threads), no GPU in use: fine "
+                                      "for this test, slow for fine-tuning")
+        assert re.fullmatch(rf"{re.escape(PASS)} 5\. memory: peak process memory \(RSS\) \d+\.\d MiB "
+                            r"\(no GPU memory to measure on cpu\)", check_line(out, 5))
 
     # 3 batches of 8 cover all 12 validation images: the accuracy training measured on them
     match = re.search(r"accuracy (\d+\.\d\d)% \((\d+)/(\d+) images, 2 batch\(es\)\), loss (\d+\.\d+)",
