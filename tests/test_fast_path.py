@@ -345,7 +345,11 @@ def test_devices_0_1_launches_two_processes_on_those_gpus(monkeypatch, capsys):
     assert calls["cmd"][-5:] == ["--devices", "0,1", "--demo", "--epochs", "1"]
 
 
-def test_devices_without_a_gpu_trains_in_this_process(dataset, tmp_path, capsys):
+def test_devices_without_a_gpu_trains_in_this_process(dataset, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert run(dataset, tmp_path / "out", "--epochs", "1", "--devices", "0,1") == 0
     assert "--devices 0,1: no GPU visible, training on the CPU in one process" in capsys.readouterr().out
     assert run(dataset, tmp_path / "out2", "--epochs", "1", "--devices", "abc") == 2  # a typo: now
