@@ -127,6 +127,12 @@ class ShardSampler(Sampler[int]):
             return math.ceil(self.n / self.world)
         return len(range(self.rank, self.n, self.world))
 
+    @property
+    def padding(self) -> int:
+        """How many of this rank's last indices repeat others (0 or 1 per epoch here): the
+        training step learns from them, the reduced totals leave them out (each sample counts once)."""
+        return len(self) - len(range(self.rank, self.n, self.world)) if self.n else 0
+
 
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose batch statistics span all ranks, for gloo (torch's SyncBatchNorm

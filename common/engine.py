@@ -106,14 +106,19 @@ def _postfix(task: Any, totals: dict[str, torch.Tensor], lr: float, samples: int
 
 
 def _micro_steps(model: nn.Module, task: Any, batch: Any, totals: dict[str, torch.Tensor],
-                 precision: Precision, device: torch.device, cfg: StepConfig, group_size: int,
-                 sync_at_end: bool) -> int:
-    """Forward and backward of one loaded batch, as cfg.splits chunks whose losses are weighted
-    by their share of the batch: the gradient is that of the whole batch, whatever the split."""
+                 precision: Precision, device: torch.device, cfg: StepConfig, per_group: int,
+                 sync_at_end: bool, uncounted: int = 0) -> int:
+    """Forward and backward of one loaded batch, as cfg.splits chunks. Each chunk's mean loss is
+    weighted by its samples over `per_group` (the samples of a full accumulation group), so the
+    gradient is that of the group's summed loss over per_group, whatever the split; a short group
+    is put right at its optimizer step (_optimizer_step's `rescale`).
+    uncounted: the batch's last samples that are the sampler's padding (a repeat that gives every
+    rank the same number of batches): they train like the others but stay out of the totals."""
     inputs, targets = _to_device(batch, device, cfg.channels_last)
     n = targets.shape[0]
     chunks = list(zip(inputs.tensor_split(cfg.splits), targets.tensor_split(cfg.splits), strict=True))
     chunks = [c for c in chunks if c[1].shape[0] > 0]
+    counted_end, start = n - uncounted, 0
     for j, (x, y) in enumerate(chunks):
         with _grad_sync(model, sync_at_end and j == len(chunks) - 1):
             with precision.autocast():
@@ -121,8 +126,14 @@ def _micro_steps(model: nn.Module, task: Any, batch: Any, totals: dict[str, torc
                 loss = task.loss(outputs, y, train=True)
             if cfg.guard is not None:
                 cfg.guard.check_loss(loss)
-            precision.scaler.scale(loss * (y.shape[0] / n / group_size)).backward()
-        task.accumulate(totals, outputs.detach(), y, loss.detach())
+            precision.scaler.scale(loss * (y.shape[0] / per_group)).backward()
+        keep = min(y.shape[0], max(counted_end - start, 0))
+        start += y.shape[0]
+        if keep == y.shape[0]:
+            task.accumulate(totals, outputs.detach(), y, loss.detach())
+        elif keep:
+            kept_out, kept_y = outputs.detach()[:keep], y[:keep]
+            task.accumulate(totals, kept_out, kept_y, task.loss(kept_out, kept_y, train=True))
     return n
 
 
@@ -145,6 +156,8 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
     samples, started = 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     group: list[Any] = []
+    # the sampler's padding (ShardSampler under DDP): the last batch's last samples repeat others
+    padding = getattr(getattr(loader, "sampler", None), "padding", 0)
     with tqdm(total=n_batches, desc=desc, leave=False, disable=not cfg.show_progress,
               dynamic_ncols=True, mininterval=0.5) as bar:
         for i, batch in enumerate(loader):
@@ -158,10 +171,14 @@ def train_one_epoch(model: nn.Module, task: Any, loader: Iterable, optimizer: to
                     guard.begin_group(model)
             group.append(batch)
             last_in_group = i == group_start + group_size - 1
+            per_group = group[0][1].shape[0] * group_size  # only an epoch's last batch is short
             samples += _run_guarded(model, task, group, totals, at_group_start, optimizer, precision,
-                                    device, cfg, group_size, last_in_group)
+                                    device, cfg, per_group, last_in_group,
+                                    padding if i == n_batches - 1 else 0)
             if last_in_group:
-                skipped = _optimizer_step(model, optimizer, precision, cfg, i // accumulate)
+                in_group = sum(b[1].shape[0] for b in group)  # shapes: known on the host
+                skipped = _optimizer_step(model, optimizer, precision, cfg, i // accumulate,
+                                          rescale=per_group / in_group)
                 if skipped is not None and at_group_start is not None:  # the skipped batches do not count
                     for key, value in at_group_start.items():
                         totals[key].copy_(torch.where(skipped, value, totals[key]))
@@ -194,15 +211,16 @@ def _snapshot(totals: dict[str, torch.Tensor], cfg: StepConfig) -> dict[str, tor
 
 
 def _run_guarded(model, task, group, totals, at_group_start, optimizer, precision, device,
-                 cfg: StepConfig, group_size: int, last_in_group: bool) -> int:
+                 cfg: StepConfig, per_group: int, last_in_group: bool, uncounted: int) -> int:
     """Run the newest batch of the group; after an out-of-memory error, replay the whole group."""
     pending = group[-1:]
     while True:
         try:
             done = 0
             for k, batch in enumerate(pending):
-                done = _micro_steps(model, task, batch, totals, precision, device, cfg, group_size,
-                                    last_in_group and k == len(pending) - 1)
+                last = k == len(pending) - 1
+                done = _micro_steps(model, task, batch, totals, precision, device, cfg, per_group,
+                                    last_in_group and last, uncounted if last else 0)
             return done
         except torch.OutOfMemoryError as exc:
             if cfg.recovery is None:
@@ -224,9 +242,15 @@ def _grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManage
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                    cfg: StepConfig, step_in_epoch: int) -> torch.Tensor | None:
-    """Clip, step, update the scaler. Returns the guard's device flag of a skipped step (skip)."""
+                    cfg: StepConfig, step_in_epoch: int, rescale: float = 1.0) -> torch.Tensor | None:
+    """Clip, step, update the scaler. Returns the guard's device flag of a skipped step (skip).
+    rescale: per_group / the group's samples, for a short last group (at most once an epoch), so
+    its gradient is its samples' mean loss, as one batch of them gives."""
     scaler, guard = precision.scaler, cfg.guard
+    if rescale != 1.0:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, rescale)
     if guard is not None:
         guard.before_unscale(model, scaler)
     norm = None

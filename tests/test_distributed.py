@@ -139,16 +139,8 @@ def test_uneven_data_keeps_every_rank_identical(ddp_runs, mode, n):
         assert torch.equal(w0[key], w1[key]), f"{mode}: {key} differs between the ranks"
 
 
-ACCUMULATION_TAIL = (
-    "engine._micro_steps weights each micro-batch of an accumulation group by 1/group_size, not by "
-    "its share of the group's samples: a short last micro-batch (1 sample next to 2) weighs twice per "
-    "sample, so the step differs from one batch of the group's samples (also in one process)")
-
-
 @pytest.mark.parametrize("n", [UNEVEN, ODD_SHARES])
-@pytest.mark.parametrize("mode", [*(m for m in MODES if m != "accum"),
-                                  pytest.param("accum", marks=pytest.mark.xfail(strict=True,
-                                                                                reason=ACCUMULATION_TAIL))])
+@pytest.mark.parametrize("mode", MODES)
 def test_uneven_data_every_rank_equals_one_process_reading_the_order_as_dealt(ddp_runs, mode, n):
     """61 samples on 2 ranks: the shuffled order is padded with its first sample (the README: "the
     last few images repeated so that every process gets the same number of batches"), so the
@@ -164,8 +156,6 @@ def test_uneven_data_every_rank_equals_one_process_reading_the_order_as_dealt(dd
         assert_same_weights(weights, single, f"{mode} on {n} samples, rank {rank}")
 
 
-@pytest.mark.xfail(strict=True, reason="the repeated sample of the padded order is counted twice in "
-                                       "the reduced training totals (62 for 61 samples)")
 def test_uneven_data_counts_every_training_sample_once(ddp_runs):
     """DESIGN: metrics are reduced across ranks so that every sample counts exactly once. The
     training loss and accuracy of an epoch on 61 samples must count 61, as one process does."""

@@ -24,28 +24,35 @@ def batches(n: int, size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, to
 
 
 def run_engine(model: nn.Module, data, accumulate: int, precision: Precision | None = None,
-               clip: float | None = None) -> TrainState:
+               clip: float | None = None, splits: int = 1) -> TrainState:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = -(-len(data) // accumulate)
     schedule = Schedule(opt, "none", epochs=1, steps_per_epoch=steps)
     state = TrainState()
     train_one_epoch(model, ClassificationTask(3), data, opt, schedule,
                     precision or make_precision(CPU, amp=False), CPU,
-                    StepConfig(accumulate=accumulate, clip_grad=clip, show_progress=False), state)
+                    StepConfig(accumulate=accumulate, clip_grad=clip, show_progress=False, splits=splits),
+                    state)
     return state
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("n, last", [(7, 4), (6, 1)])
 @pytest.mark.parametrize("accumulate", [1, 2, 3])
-def test_accumulation_equals_one_big_batch_including_short_last_group(accumulate):
+def test_accumulation_equals_one_big_batch_including_short_last_group(accumulate, n, last, splits):
+    """Each group steps as one big batch. n=7 micro-batches of 4: with 3 -> groups of 3, 3 and a
+    short 1. n=6 whose last holds 1 sample (drop_last=False): groups of 4 + 1 (accumulate 2) or
+    4 + 4 + 1 samples (accumulate 3), whose step must be that of one batch of those samples, each
+    weighing the same (also when out-of-memory recovery has split every batch into chunks)."""
     torch.manual_seed(0)
     model = TinyMLP(3, pool=4, hidden=16)
     reference = copy.deepcopy(model)
-    data = batches(7)  # 7 micro-batches: with 3 -> groups of 3, 3 and a short 1
-    state = run_engine(model, data, accumulate)
-    assert state.step == -(-7 // accumulate)
+    data = batches(n - 1) + batches(1, size=last, seed=9)
+    state = run_engine(model, data, accumulate, splits=splits)
+    assert state.step == -(-n // accumulate)
 
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for start in range(0, 7, accumulate):
+    for start in range(0, n, accumulate):
         group = data[start:start + accumulate]
         x = torch.cat([b[0] for b in group])
         y = torch.cat([b[1] for b in group])
@@ -202,3 +209,33 @@ def test_the_bar_keeps_its_interval_postfixes_and_ends_with_the_epoch(monkeypatc
     (bar,) = FakeBar.made
     assert len(bar.postfixes) == 3  # after batches 2 and 4, then the epoch's own numbers
     assert bar.postfixes[-1]["loss"] == f"{metrics['loss']:.4f}"
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_the_samplers_padding_trains_but_is_counted_once(splits):
+    """Rank 1 of 2 on 7 samples is dealt 4 indices, the last a repeat of the order's first (so both
+    ranks take as many steps). The reduced totals must count 3: the epoch's loss is the mean over
+    the 3 real samples, not over 4 with one of them twice (lr 0 keeps the weights fixed)."""
+    from common.distributed import ShardSampler
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(7, 3, 8, 8, generator=g), torch.arange(7) % 3)
+    sampler = ShardSampler(data, rank=1, world_size=2, seed=4)
+    assert (len(sampler), sampler.padding) == (4, 1)
+    assert ShardSampler(data, rank=0, world_size=2, seed=4).padding == 0
+    indices = list(sampler)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+    torch.manual_seed(0)
+    model = TinyMLP(3, pool=4, hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    metrics = train_one_epoch(model, ClassificationTask(3), loader, opt,
+                              Schedule(opt, "none", epochs=1, steps_per_epoch=1),
+                              make_precision(CPU, amp=False), CPU,
+                              StepConfig(show_progress=False, splits=splits), TrainState())
+    with torch.no_grad():
+        x, y = data[indices[:3]]
+        expected = nn.functional.cross_entropy(model(x), y).item()
+        x4, y4 = data[indices]
+        with_repeat = nn.functional.cross_entropy(model(x4), y4).item()
+    assert abs(with_repeat - expected) > 1e-4  # the repeat would show
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
