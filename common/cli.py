@@ -19,7 +19,9 @@ from .errors import UserError
 _UNSET = object()
 
 # Keys that describe one invocation, not the run: never inherited from a checkpoint.
-PER_INVOCATION = frozenset({"config", "resume", "list_models", "demo"})
+# trust_checkpoint too: trusting a pickle is a decision about one file, made on the command line
+# each time, never carried by a --config file or into a resumed run.
+PER_INVOCATION = frozenset({"config", "resume", "list_models", "demo", "trust_checkpoint"})
 # Keys a --config file may not set (and config.json leaves out, so it can be passed back).
 NOT_IN_CONFIG = PER_INVOCATION - {"demo"}
 # Keys tied to the machine; a resumed run takes them from the new command line or defaults.
@@ -266,6 +268,9 @@ def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,
     values: dict[str, Any] = {}
     for key, value in raw.items():
         dest = key.lstrip("-").replace("-", "_")
+        if dest == "trust_checkpoint" and dest in actions:
+            raise UserError(f"{source}: {key!r} cannot be set here: unpickling a file can run code, so "
+                            "trust is given on the command line (--trust-checkpoint), each time")
         if dest not in actions or dest in NOT_IN_CONFIG:
             valid = ", ".join(sorted(d for d in actions if d not in NOT_IN_CONFIG))
             raise UserError(f"{source}: unknown key {key!r}; valid keys: {valid}")

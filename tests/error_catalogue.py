@@ -297,6 +297,8 @@ CASES: list[Case] = [
          lambda a: train("--config", write("c.json", '{"epochs": "many"}'))(a), "epochs"),
     Case(FLAGS, "--config value outside the choices", "gpu_train",
          lambda a: train("--config", write("c.json", '{"optimizer": "lion"}'))(a), "optimizer"),
+    Case(FLAGS, "--config file that switches on unpickling", "gpu_train",
+         lambda a: train("--config", write("c.json", '{"trust_checkpoint": true}'))(a), "--trust-checkpoint"),
     # ---------------------------------------------------------------- checkpoints
     Case(FILES, "--resume file does not exist", "gpu_train", train("--resume", "nowhere/checkpoint.pth"),
          "does not exist"),

@@ -90,6 +90,33 @@ def test_per_invocation_keys_are_refused_in_config(tmp_path, key):
         cli.resolve(make_parser(), ["--config", str(config)])
 
 
+def loading_parser() -> argparse.ArgumentParser:
+    parser = make_parser()
+    cli.add_loading_args(parser, plain_state_dict=False)
+    return parser
+
+
+@pytest.mark.parametrize("key", ["trust_checkpoint", "trust-checkpoint"])
+def test_trust_is_never_taken_from_a_config_file(tmp_path, key):
+    """A --config (someone else's, or an old config.json) must not switch on unpickling."""
+    config = write_json(tmp_path / "c.json", {key: True})
+    with pytest.raises(UserError) as info:
+        cli.resolve(loading_parser(), ["--config", str(config)])
+    assert str(config) in str(info.value) and "--trust-checkpoint" in str(info.value)
+    args, _ = cli.resolve(loading_parser(), ["--trust-checkpoint"])
+    assert args.trust_checkpoint is True
+
+
+def test_trust_is_neither_written_to_config_json_nor_inherited_on_resume(tmp_path):
+    parser = loading_parser()
+    args, _ = cli.resolve(parser, ["--trust-checkpoint", "--lr", "0.2"])
+    path = tmp_path / "config.json"
+    cli.write_config(args, path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert "trust_checkpoint" not in data and data["lr"] == 0.2
+    assert "trust_checkpoint" not in cli.inheritable({**data, "trust_checkpoint": True}, parser)
+
+
 def test_invalid_json_names_the_file(tmp_path):
     config = tmp_path / "broken.json"
     config.write_text('{"lr": 0.1,', encoding="utf-8")
