@@ -116,22 +116,33 @@ def activation_bytes_per_pixel(model: nn.Module, channels: int, device: torch.de
     return None
 
 
+def _training_need(model: nn.Module, channels: int, device: torch.device, probe: int,
+                   budget: tuple[int | None, str] | None) -> tuple[int, str, int, float] | None:
+    """(bytes available, what they are, bytes of weights + gradients + optimizer, bytes per input
+    pixel: activations and preparation), or None when either cannot be known."""
+    avail, where = budget or memory_budget(device)
+    per_pixel = activation_bytes_per_pixel(model, channels, device, probe)
+    if avail is None or per_pixel is None:
+        return None
+    fixed = PARAM_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    return avail, where, fixed, per_pixel + PREPARE_COPIES * channels
+
+
 def check_training_memory(model: nn.Module, flag: str, size: int, channels: int, batch: int,
                           device: torch.device, log: Callable[[str], None],
                           budget: tuple[int | None, str] | None = None, recovers: bool | None = None) -> None:
     """Refuse a size at which training cannot fit even one input (on the CPU: the batch); log a
     notice when, on CUDA, the batch is expected not to fit and recovery will split it."""
-    avail, where = budget or memory_budget(device)
-    per_pixel = activation_bytes_per_pixel(model, channels, device, size)
-    if avail is None or per_pixel is None:
+    need_of = _training_need(model, channels, device, size, budget)
+    if need_of is None:
         return
-    fixed = PARAM_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
-    per_input = (per_pixel + PREPARE_COPIES * channels) * size * size
+    avail, where, fixed, per_pixel = need_of
+    per_input = per_pixel * size * size
     recovers = device.type == "cuda" if recovers is None else recovers
     count = 1 if recovers else batch
     need = fixed + count * per_input
     if need > avail:
-        side = _largest_square((avail - fixed) / count, per_pixel + PREPARE_COPIES * channels)
+        side = _largest_square((avail - fixed) / count, per_pixel)
         what = "one input" if count == 1 else f"a batch of {batch}"
         fix = f"use a smaller {flag} (about {side} px at most)" if side >= 8 else \
             "the model itself does not fit: use a smaller model"
@@ -140,6 +151,41 @@ def check_training_memory(model: nn.Module, flag: str, size: int, channels: int,
         raise UserError(f"{flag} {size}: training cannot fit: {what} needs at least {human(need)} "
                         f"(weights, gradients and optimizer {human(fixed)}, activations and inputs "
                         f"{human(per_input)} per input), and there is {human(avail)} {where}; {fix}")
-    if recovers and fixed + batch * per_input > avail:
-        log(f"notice: a batch of {batch} at {size} px needs at least {human(fixed + batch * per_input)} "
-            f"and {human(avail)} is {where}; out-of-memory recovery will split it into micro-batches")
+    _notice_split(recovers, fixed + batch * per_input, avail, where, f"a batch of {batch} at {size} px", log)
+
+
+def check_scaled_memory(model: nn.Module, height: int, width: int, scale: float, channels: int,
+                        batch: int, device: torch.device, log: Callable[[str], None],
+                        budget: tuple[int | None, str] | None = None, recovers: bool | None = None) -> None:
+    """The same check for inputs of their own size shrunk by -s/--scale (train_unet.py): height x
+    width is the largest image; the message suggests the largest scale that fits."""
+    h, w = max(1, int(height * scale)), max(1, int(width * scale))
+    need_of = _training_need(model, channels, device, min(h, w), budget)
+    if need_of is None:
+        return
+    avail, where, fixed, per_pixel = need_of
+    per_input = per_pixel * h * w
+    recovers = device.type == "cuda" if recovers is None else recovers
+    count = 1 if recovers else batch
+    need = fixed + count * per_input
+    if need > avail:
+        fits = math.sqrt(max(avail - fixed, 0) / count / per_input) * scale
+        what = "one image" if count == 1 else f"a batch of {batch}"
+        fix = f"use a smaller -s/--scale (about {math.floor(fits * 100) / 100:.2f} at most)" \
+            if fits * min(height, width) >= 16 else \
+            "even the smallest scale the U-Net takes does not fit: use a smaller --width"
+        if count > 1 and fixed + per_input <= avail:
+            fix += f", or a smaller -b/--batch-size (about {max(1, int((avail - fixed) // per_input))})"
+        raise UserError(f"-s/--scale {scale}: training on {height} x {width} px images ({h} x {w} scaled) "
+                        f"cannot fit: {what} needs at least {human(need)} (weights, gradients and "
+                        f"optimizer {human(fixed)}, activations and inputs {human(per_input)} per image), "
+                        f"and there is {human(avail)} {where}; {fix}")
+    _notice_split(recovers, fixed + batch * per_input, avail, where,
+                  f"a batch of {batch} at {h} x {w} px", log)
+
+
+def _notice_split(recovers: bool, need: float, avail: int, where: str, what: str,
+                  log: Callable[[str], None]) -> None:
+    if recovers and need > avail:
+        log(f"notice: {what} needs at least {human(need)} and {human(avail)} is {where}; "
+            "out-of-memory recovery will split it into micro-batches")

@@ -20,6 +20,7 @@ from .distributed import barrier
 from .errors import UserError
 from .models import build_model, load_weights_file
 from .models.unet import MIN_SIZE
+from .preflight import check_scaled_memory
 from .reporting import plot_sample_grid
 from .session import Session, check_positive
 from .tasks import SegmentationTask
@@ -44,7 +45,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
     return resolve(parser, argv, layers)[0], ckpt
 
 
-def build_data(args: argparse.Namespace, s: Session):
+def inspect_data(args: argparse.Namespace, s: Session):
+    """The image/mask pairs, their mask values and their (width, height) sizes, all checked."""
     data_dir = Path(args.data_dir)
     if args.demo:
         if s.is_main:
@@ -56,6 +58,11 @@ def build_data(args: argparse.Namespace, s: Session):
     seg.check_min_size(pairs, sizes, args.scale, MIN_SIZE, "the U-Net (four 2x2 poolings)")
     if args.batch_size > 1:
         _check_same_size(pairs, sizes)
+    return pairs, mask_values, sizes
+
+
+def build_data(args: argparse.Namespace, s: Session, pairs, mask_values):
+    data_dir = Path(args.data_dir)
     train, val = seg.split_pairs(pairs, args.validation, args.seed)
     loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
                    "rank": s.ctx.rank, "world_size": s.ctx.world_size}
@@ -178,12 +185,16 @@ def train(args: argparse.Namespace, ckpt: dict | None) -> int:
 
 
 def _train(args: argparse.Namespace, ckpt: dict | None, s: Session) -> int:
-    train_loader, val_loader, mask_values, val_set = build_data(args, s)
+    pairs, mask_values, sizes = inspect_data(args, s)
     if ckpt is not None and ckpt.get("mask_values") != mask_values:
         raise UserError(f"mask values in {args.resume} ({ckpt.get('mask_values')}) differ from those of "
                         f"{args.data_dir} ({mask_values}); resume on the same data")
     channels_last = resolve_channels_last(args.channels_last, s.device, s.log)
     model, plain, spec = build_unet(args, s, channels_last, resuming=ckpt is not None)
+    width, height = max(sizes, key=lambda size: size[0] * size[1])
+    # before the data cache decodes every image: a size that cannot fit is one line, not exit 137
+    check_scaled_memory(plain, height, width, args.scale, 3, args.batch_size, s.device, s.log)
+    train_loader, val_loader, mask_values, val_set = build_data(args, s, pairs, mask_values)
     task = SegmentationTask(args.classes)
     samples = [val_set[i] for i in range(min(4, len(val_set)))]
     images = torch.stack([x for x, _ in samples])

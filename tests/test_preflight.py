@@ -133,3 +133,54 @@ def test_finetune_checks_the_model_at_its_size_too(dataset, tmp_path, capsys, mo
                               "--output", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8",
                               "--num-workers", "0", "--log-dir", str(tmp_path / "logs")]) == 2
     assert "error: --img-size 32: training cannot fit" in capsys.readouterr().err
+
+
+def test_scaled_memory_check_suggests_a_scale_that_fits_and_a_batch():
+    """train_unet.py: the largest image at -s/--scale; the suggested scale must itself pass."""
+    from common.models import build_model
+
+    model, _ = build_model("unet", 2, bilinear=False, base=8)
+    budget = (400 * 10**6, "of available RAM")
+    preflight.check_scaled_memory(model, 64, 96, 1.0, 3, 4, CPU, print, budget=budget)
+    with pytest.raises(UserError) as info:
+        preflight.check_scaled_memory(model, 4000, 6000, 0.5, 3, 4, CPU, print, budget=budget)
+    text = str(info.value)
+    assert text.startswith("-s/--scale 0.5: training on 4000 x 6000 px images (2000 x 3000 scaled) "
+                           "cannot fit: a batch of 4 needs at least")
+    suggested = float(text.split("-s/--scale (about ")[1].split(" ")[0])
+    assert 0 < suggested < 0.5
+    preflight.check_scaled_memory(model, 4000, 6000, suggested, 3, 4, CPU, print, budget=budget)
+    with pytest.raises(UserError):
+        preflight.check_scaled_memory(model, 4000, 6000, suggested + 0.02, 3, 4, CPU, print, budget=budget)
+    # room for 2.5 images of 100 x 100: a batch of 4 does not fit, a batch of 2 does
+    per_image = (preflight.activation_bytes_per_pixel(model, 3, CPU, 100) + 27) * 100 * 100
+    fixed = 4 * sum(p.numel() * 4 for p in model.parameters())
+    room = (int(fixed + 2.5 * per_image), "RAM")
+    with pytest.raises(UserError, match=r"or a smaller -b/--batch-size \(about 2\)"):
+        preflight.check_scaled_memory(model, 100, 100, 1.0, 3, 4, CPU, print, budget=room)
+    preflight.check_scaled_memory(model, 100, 100, 1.0, 3, 2, CPU, print, budget=room)
+    # on CUDA one image must fit; the batch is left to out-of-memory recovery, with a notice
+    notes = []
+    preflight.check_scaled_memory(model, 100, 100, 1.0, 3, 4, CPU, notes.append, budget=room, recovers=True)
+    assert len(notes) == 1 and "a batch of 4 at 100 x 100 px" in notes[0]
+
+
+def test_train_unet_refuses_a_scale_that_cannot_fit_before_decoding_the_images(tmp_path, capsys, monkeypatch):
+    import train_unet
+    from common.data import segmentation as seg
+
+    data = seg.make_shapes_dataset(tmp_path / "data", n=6, size=64)
+    monkeypatch.setattr(preflight, "memory_budget", lambda device: (11 * 10**6, "of available RAM"))
+    decoded = []
+    real_getitem = seg.SegmentationDataset.__getitem__
+    monkeypatch.setattr(seg.SegmentationDataset, "__getitem__",
+                        lambda self, i: decoded.append(i) or real_getitem(self, i))
+    out = tmp_path / "out"
+    argv = ["--data-dir", str(data), "--output", str(out), "-e", "1", "-b", "2", "--width", "8",
+            "--num-workers", "0", "--data-cache", "off"]
+    assert train_unet.main([*argv, "-s", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: -s/--scale 1.0: training on 64 x 64 px images")
+    assert decoded == [] and not (out / "checkpoint.pth").exists()
+    suggested = err[0].split("-s/--scale (about ")[1].split(" ")[0]
+    assert train_unet.main([*argv, "-s", suggested]) == 0
