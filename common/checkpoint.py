@@ -129,10 +129,36 @@ def _write_error(exc: RuntimeError, target: Path, cause: OSError | None = None) 
     return OSError(code, message, str(target))
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
+def _proc_umask() -> int | None:
+    """The umask as Linux reports it in /proc/self/status (read without changing it), else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    """Where the system has no /proc, os.umask must set the mask to read it: done once, here at
+    import, before the writer thread exists (setting it from that thread while the main thread
+    creates files would give those files the wrong mode)."""
+    mask = _proc_umask()
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def _umask() -> int:
+    """The current umask (Linux), else the one the process had when this module was imported."""
+    mask = _proc_umask()
+    return _IMPORT_UMASK if mask is None else mask
 
 
 def _fsync_dir(folder: Path) -> None:

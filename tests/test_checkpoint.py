@@ -114,6 +114,32 @@ def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth"]
 
 
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-status", "no-proc"])
+def test_saved_files_get_the_umask_mode_and_the_writer_never_sets_the_umask(tmp_path, monkeypatch, proc):
+    """A checkpoint is created with the mode the umask gives other files; reading the umask never
+    sets it (os.umask from the writer thread would briefly give the main thread's files another
+    mode), with /proc/self/status and without it (the mask read once at import)."""
+    import stat
+    import threading
+
+    old = os.umask(0o027)
+    try:
+        if not proc:
+            monkeypatch.setattr(ck, "_proc_umask", lambda: None)
+            monkeypatch.setattr(ck, "_IMPORT_UMASK", 0o027)
+        calls = []
+        real = os.umask
+        monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real(m))
+        target = tmp_path / "checkpoint.pth"
+        writer = threading.Thread(target=ck.atomic_save, args=({"x": torch.zeros(2)}, target))
+        writer.start()
+        writer.join()
+        assert calls == []
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize("error, raised", [(RuntimeError("unexpected pos 64"), OSError),
                                            (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_failed_save_keeps_previous_file(tmp_path, monkeypatch, error, raised):
