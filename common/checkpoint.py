@@ -311,6 +311,8 @@ def _bad(path: str | os.PathLike, key: str, should: str, value: Any = _MISSING) 
         found = "it is missing"
     elif value is None or isinstance(value, (str, int, float, bool)):
         found = f"it is {value!r}"[:80]
+    elif isinstance(value, (list, tuple)) and len(repr(value)) <= 60:
+        found = f"it is {value!r}"  # [1] says what is wrong; "a list" would not
     else:
         found = f"it is a {type(value).__name__}"
     return UserError(f"checkpoint {path}: entry '{key}' should be {should}, but {found}; {_TOOLKIT_COPY}")

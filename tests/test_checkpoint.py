@@ -360,6 +360,14 @@ def test_check_inputs_names_what_the_tools_cannot_use(tmp_path, edit, key):
     assert key in str(info.value) and str(tmp_path / "x.pth") in str(info.value)
 
 
+def test_a_short_wrong_list_is_shown_not_just_called_a_list(tmp_path):
+    ckpt = good_checkpoint()
+    ckpt["preprocessing"]["mean"] = [1]
+    with pytest.raises(UserError) as info:
+        ck.check_inputs(ckpt, tmp_path / "x.pth")
+    assert "should be a list of 3 numbers (one per channel), but it is [1];" in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"num_classes": 3, "depth": 2}, ["'depth'", "small_cnn does not take", "in_chans, width, dropout"]),
     ({"num_classes": 3, "width": "32"}, ["model.kwargs.width is '32'", "whole number"]),
