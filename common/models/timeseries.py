@@ -108,7 +108,7 @@ class SeriesCNN(nn.Module):
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         x = self.stem(x)
         for block in self.blocks:
-            x = run_block(block, x, ckpt)
+            x = run_block(block, x, use_checkpoint=ckpt)
         return torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ The module names (inc, down1..4, up1..4, outc, double_conv, maxpool_conv) are th
 Pytorch-UNet, so its state_dicts load with train_unet.py -f, and run in predict.py, validate.py,
 export_onnx.py and test_model.py (common/inference.py reads the U-Net's shape from the tensors).
 
-`set_grad_checkpointing()` (timm's switch) recomputes every double-conv block in the backward
-pass instead of keeping its activations: less memory, about a third more compute. Batch-norm
+`set_grad_checkpointing()` (timm's switch) recomputes every block (inc, each down and up block
+whole: pooling, upsampling and concatenation included) in the backward pass instead of keeping
+its activations: less memory, about a third more compute. Batch-norm
 running statistics are updated once per step either way.
 """
 from __future__ import annotations
@@ -66,9 +67,8 @@ class Down(nn.Module):
         super().__init__()
         self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
 
-    def forward(self, x: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
-        pool, conv = self.maxpool_conv
-        return run_block(conv, pool(x), use_checkpoint)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
 
 
 class Up(nn.Module):
@@ -83,12 +83,12 @@ class Up(nn.Module):
             self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
             self.conv = DoubleConv(in_channels, out_channels)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
         diff_y = skip.size(2) - x.size(2)
         diff_x = skip.size(3) - x.size(3)
         x = F.pad(x, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2])
-        return run_block(self.conv, torch.cat([skip, x], dim=1), use_checkpoint)
+        return self.conv(torch.cat([skip, x], dim=1))
 
 
 class OutConv(nn.Module):
@@ -118,13 +118,14 @@ def _frozen_running_stats(block: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
-def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """block(x), recomputed in the backward pass instead of stored when use_checkpoint."""
+def run_block(block: nn.Module, *inputs: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """block(*inputs); with use_checkpoint, only the inputs are kept and everything inside the
+    block is recomputed in the backward pass."""
     if not use_checkpoint:
-        return block(x)
+        return block(*inputs)
     if torch.compiler.is_compiling():  # the compiler recomputes without repeating the stat update
-        return checkpoint(block, x, use_reentrant=False)
-    return checkpoint(block, x, use_reentrant=False,
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return checkpoint(block, *inputs, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _frozen_running_stats(block)))
 
 
@@ -160,7 +161,7 @@ class UNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each double-conv block in backward instead of storing its activations
+        """Recompute each block in backward instead of storing its activations
         (training only; evaluation and inference are unaffected)."""
         self.grad_checkpointing = bool(enable)
 
@@ -169,13 +170,16 @@ class UNet(nn.Module):
             raise UserError(f"U-Net needs inputs of at least {MIN_SIZE}x{MIN_SIZE} pixels (four "
                              f"2x2 poolings), got {tuple(x.shape[-2:])}; use a larger scale")
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        x1 = run_block(self.inc, x, ckpt)
-        x2 = self.down1(x1, ckpt)
-        x3 = self.down2(x2, ckpt)
-        x4 = self.down3(x3, ckpt)
-        x5 = self.down4(x4, ckpt)
-        x = self.up1(x5, x4, ckpt)
-        x = self.up2(x, x3, ckpt)
-        x = self.up3(x, x2, ckpt)
-        x = self.up4(x, x1, ckpt)
+        # Checkpointed, each whole block keeps only its inputs: the encoder's outputs x1..x5
+        # (the skips, needed anyway) and each up block's output. The pooled maps, the upsampled
+        # maps and the concatenations inside the blocks are recomputed in backward.
+        x1 = run_block(self.inc, x, use_checkpoint=ckpt)
+        x2 = run_block(self.down1, x1, use_checkpoint=ckpt)
+        x3 = run_block(self.down2, x2, use_checkpoint=ckpt)
+        x4 = run_block(self.down3, x3, use_checkpoint=ckpt)
+        x5 = run_block(self.down4, x4, use_checkpoint=ckpt)
+        x = run_block(self.up1, x5, x4, use_checkpoint=ckpt)
+        x = run_block(self.up2, x, x3, use_checkpoint=ckpt)
+        x = run_block(self.up3, x, x2, use_checkpoint=ckpt)
+        x = run_block(self.up4, x, x1, use_checkpoint=ckpt)
         return self.outc(x)
