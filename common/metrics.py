@@ -14,8 +14,10 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.T
 def confusion_update(matrix: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> None:
     """Add a batch to a (C, C) confusion matrix, rows = true class, columns = prediction."""
     n = matrix.shape[0]
-    flat = torch.bincount(targets.view(-1) * n + preds.view(-1), minlength=n * n)
-    matrix += flat.view(n, n).to(matrix.dtype)
+    cells = targets.reshape(-1) * n + preds.reshape(-1)
+    # index_add_ into the known n*n cells, not bincount: bincount's output size depends on the
+    # values, so on a GPU the host would wait for every validation batch
+    matrix.view(-1).index_add_(0, cells, torch.ones_like(cells, dtype=matrix.dtype))
 
 
 def per_class_scores(matrix: torch.Tensor) -> dict[str, list[float]]:

@@ -12,7 +12,11 @@ the host, so the detector counts the calls that *would* sync on a GPU:
 - a move (`.cpu()`, `.to(cpu)`) counts when our code itself makes it (the direct caller is in
   `roots`) on a tensor that did not come from the data loader: inside torch, `.to(device)` goes to
   the model's device, which is the CPU here and a GPU there, and a loader tensor going to the
-  device is a host-to-device copy.
+  device is a host-to-device copy;
+- an operator whose output size depends on the values (torch's tag `dynamic_output_shape`:
+  `bincount`, `nonzero`, `unique`, `masked_select`, indexing with a boolean mask, ...) counts
+  when any frame of the stack is in `roots`: on a GPU the host waits to learn the size before it
+  can allocate the result. A dispatch mode sees them, also inside torch's own functions.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 
@@ -101,6 +106,29 @@ class HostSyncs:
         return method
 
 
+def _sized(func, args: tuple) -> bool:
+    """one_hot with num_classes given (seen as one operator under inference mode; elsewhere its
+    decomposition is seen): its size is known, and on CUDA it checks the values with a device
+    assert instead of reading them (only the CPU reads min and max)."""
+    return func is torch.ops.aten.one_hot.default and len(args) > 1 and args[1] >= 0
+
+
+class _SizeFromValues(TorchDispatchMode):
+    """Counts the operators whose output size the device must compute first (see above)."""
+
+    def __init__(self, detector: HostSyncs):
+        super().__init__()
+        self.detector = detector
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        d = self.detector
+        if d._depth == 0 and torch.Tag.dynamic_output_shape in func.tags and not _sized(func, args):
+            where = d._ours()
+            if where is not None:
+                d.calls.append(f"{func.__name__} at {where}")
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def host_syncs(monkeypatch, roots: Iterable[str] = (LIBRARY,),
                optimizers: Iterable[torch.optim.Optimizer] = ()) -> Iterator[HostSyncs]:
@@ -108,6 +136,7 @@ def host_syncs(monkeypatch, roots: Iterable[str] = (LIBRARY,),
     for name in READS + MOVES:
         monkeypatch.setattr(torch.Tensor, name, detector.wrap(name, getattr(torch.Tensor, name)))
     try:
-        yield detector
+        with _SizeFromValues(detector):
+            yield detector
     finally:
         monkeypatch.undo()

@@ -38,6 +38,12 @@ READS = {
     "cpu": lambda t: t.cpu(),
     "to('cpu')": lambda t: t.to("cpu"),
     "to(device=cpu)": lambda t: t.to(device=torch.device("cpu")),
+    # an output whose size the device must compute before the host can allocate it
+    "bincount": lambda t: torch.bincount(t.long().view(1), minlength=4),
+    "nonzero": lambda t: t.nonzero(),
+    "unique": lambda t: torch.unique(t),
+    "boolean mask": lambda t: t.view(1)[t.view(1) > 0],
+    "masked_select": lambda t: t.masked_select(t > 0),
 }
 
 
@@ -70,6 +76,9 @@ def test_the_detector_ignores_what_does_not_sync(monkeypatch):
         t.to(torch.float64)
         t.to(dtype=torch.float16)
         torch.where(t > 1, t, 0)
+        torch.zeros(4).index_add_(0, torch.tensor([1, 1]), t)  # the output's size is known
+        with torch.inference_mode():  # where one_hot is one operator, not its decomposition
+            torch.nn.functional.one_hot(torch.tensor([0, 2]), 3)  # sized: a device assert on CUDA
     assert syncs.count == 0, syncs.calls
 
 
@@ -85,9 +94,17 @@ def batches(n: int, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(n)]
 
 
-def train_counting(monkeypatch, model: nn.Module, policy: str | None, n: int = 12, nan_at: int | None = None):
+def _segmentation_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 3, (2, 16, 16), generator=g))
+            for _ in range(n)]
+
+
+def train_counting(monkeypatch, model: nn.Module, policy: str | None, n: int = 12, nan_at: int | None = None,
+                   task=None, data=None):
     """One epoch of 12 batches; returns the detector's count before each batch and at the end."""
-    data = batches(n)
+    task = task or ClassificationTask(3)
+    data = data or batches(n)
     if nan_at is not None:
         data[nan_at] = (torch.full_like(data[nan_at][0], float("nan")), data[nan_at][1])
     guard = None if policy is None else NonFiniteGuard(CPU, policy, log=lambda _: None)
@@ -102,7 +119,7 @@ def train_counting(monkeypatch, model: nn.Module, policy: str | None, n: int = 1
                     seen.append(syncs.count)
                     yield batch
 
-        train_one_epoch(model, ClassificationTask(3), Loader(data), opt, schedule,
+        train_one_epoch(model, task, Loader(data), opt, schedule,
                         make_precision(CPU, amp=False), CPU,
                         StepConfig(accumulate=2, clip_grad=1.0, log_interval=100, show_progress=True,
                                    guard=guard), TrainState())
@@ -124,6 +141,18 @@ def test_no_host_sync_inside_the_training_step(monkeypatch, policy):
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def test_no_host_sync_inside_a_segmentation_training_step(monkeypatch):
+    """The U-Net's loss (cross entropy + soft Dice over a one-hot of the masks) and its totals."""
+    from common.models.unet import UNet
+    from common.tasks import SegmentationTask
+
+    torch.manual_seed(0)
+    seen, total, calls, _ = train_counting(monkeypatch, UNet(3, base=2), None, task=SegmentationTask(3),
+                                           data=_segmentation_batches(12))
+    assert len(seen) == 12 and seen[-1] == seen[0], f"host syncs inside the loop: {calls}"
+    assert total > seen[-1]
+
+
 def test_a_sync_added_to_the_step_is_caught(monkeypatch):
     """The test above can fail: a loss read per step (as a hand-written loop's print would) is seen."""
     import common.engine as engine
@@ -140,6 +169,33 @@ def test_a_sync_added_to_the_step_is_caught(monkeypatch):
     seen, _, calls, _ = train_counting(monkeypatch, TinyMLP(3, pool=4, hidden=16), None)
     assert seen[-1] > seen[0]
     assert any("format" in c for c in calls), calls
+
+
+@pytest.mark.parametrize("task_name", ["classification", "segmentation"])
+def test_no_host_sync_between_validation_batches(monkeypatch, task_name):
+    """Validation keeps its totals on the device too (the confusion matrix included: bincount's
+    output size depends on the values, which on a GPU waits for them): one read at the end."""
+    from common.engine import evaluate
+    from common.tasks import SegmentationTask
+
+    if task_name == "classification":  # 7 classes: the confusion matrix and the top-5 count
+        model, task, data = TinyMLP(7, pool=4, hidden=16), ClassificationTask(7), batches(6)
+    else:
+        model, task, data = nn.Conv2d(3, 3, 1), SegmentationTask(3), _segmentation_batches(6)
+    seen: list[int] = []
+    with host_syncs(monkeypatch) as syncs:
+
+        class Loader(list):
+            def __iter__(self):
+                for batch in syncs.from_loader(list.__iter__(self)):
+                    seen.append(syncs.count)
+                    yield batch
+
+        totals = evaluate(model, task, Loader(data), make_precision(CPU, amp=False), CPU)
+        total = syncs.count
+    assert len(seen) == 6 and seen[-1] == seen[0], f"host syncs between validation batches: {syncs.calls}"
+    assert total > seen[-1]  # the end-of-loop read is seen: the detector is live
+    assert int(totals["count"]) == (24 if task_name == "classification" else 12)
 
 
 @pytest.fixture
