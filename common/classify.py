@@ -119,6 +119,8 @@ def _torchvision_data(args, s: Session, prep: Preparation) -> tuple[list[str], A
 def _folder_data(args, s: Session, prep: Preparation) -> tuple[list[str], Any, Any, dict[str, Any], str]:
     splits = folder_splits(Path(args.data_dir), args.val_split, args.seed)
     train, val = _drop_bad_images(splits.train, splits.val, args, s)
+    if splits.drawn_from is not None:
+        s.held_out = (splits.drawn_from, [p for p, _ in val])
     pre = prep.pre or preprocessing(args.img_size, IMAGENET_MEAN, IMAGENET_STD)
     skip = bool(args.skip_bad_images)  # a file that fails later, while training, is skipped too
     return (splits.classes, ImageDataset(train, _train_tf(args, prep, pre), skip_bad=skip),

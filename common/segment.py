@@ -64,6 +64,7 @@ def inspect_data(args: argparse.Namespace, s: Session):
 def build_data(args: argparse.Namespace, s: Session, pairs, mask_values):
     data_dir = Path(args.data_dir)
     train, val = seg.split_pairs(pairs, args.validation, args.seed)
+    s.held_out = (data_dir, [image for image, _ in val])
     loader_args = {"num_workers": s.num_workers, "pin_memory": s.pin_memory,
                    "rank": s.ctx.rank, "world_size": s.ctx.world_size}
     train_set = seg.SegmentationDataset(train, mask_values, args.scale, augment=True)

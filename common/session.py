@@ -30,7 +30,14 @@ from .distributed import DistContext, barrier, context_from_env, init_process_gr
 from .engine import TrainState
 from .errors import UserError, note_checkpoint
 from .optim import Schedule
-from .outdir import OutputLock, check_writable, note_previous_runs, save_failure, sweep_temporary_files
+from .outdir import (
+    OutputLock,
+    check_writable,
+    note_previous_runs,
+    save_failure,
+    sweep_temporary_files,
+    write_atomically,
+)
 from .precision import Precision, make_precision
 from .reporting import (
     LOGGER_NAME,
@@ -45,7 +52,7 @@ from .saver import BackgroundSaver, atomic_write, epoch_checkpoint_write
 
 RUN_FILES = ("checkpoint.pth", "best_model.pth", "metrics.csv", "config.json", "curves.png",
              "training.log", "tensorboard", "bad_images.txt", "confusion_matrix.png", "val_samples.png",
-             "test_metrics.json")
+             "test_metrics.json", "val_files.txt")
 
 
 @dataclass
@@ -59,6 +66,8 @@ class Session:
     num_workers: int
     pin_memory: bool
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # skipped (path, reason)
+    # (data folder, its images held out for validation) when val was split off the training folder
+    held_out: tuple[Path, list[str]] | None = None
     log_file: bool = True  # open_output starts training.log in the output folder
     # held on each output folder from open_output to close() (a pipeline trains into several)
     locks: list[OutputLock] = field(default_factory=list)
@@ -112,8 +121,13 @@ def open_output(s: Session, resuming: bool, run_files: tuple[str, ...] = ()) -> 
         if s.log_file:
             attach_log_file(s.output)
         if s.bad_images:
-            report = s.output / "bad_images.txt"
-            report.write_text("".join(f"{p}\t{why}\n" for p, why in s.bad_images), encoding="utf-8")
+            text = "".join(f"{p}\t{why}\n" for p, why in s.bad_images)
+            write_atomically(s.output / "bad_images.txt", lambda fh: fh.write(text))
+        if s.held_out is not None:
+            from .validation import HELD_OUT, held_out_text
+
+            listing = held_out_text(*s.held_out)
+            write_atomically(s.output / HELD_OUT, lambda fh: fh.write(listing))
     barrier()
 
 

@@ -26,6 +26,7 @@ from .nanguard import NonFiniteGuard, NonFiniteReport, NonFiniteStop
 from .optim import Schedule, build_optimizer
 from .reporting import run_summary
 from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config, start_session
+from .validation import HELD_OUT, held_out_root
 
 
 @dataclass
@@ -125,8 +126,14 @@ def next_commands(task: str, model: Path, output: Path, args: argparse.Namespace
     scripts can read it (a class folder tree, imgs/ + masks/, recordings), else export only."""
     data = _evaluation_data(task, args)
     commands = []
-    if data is not None:
+    held_out = output / HELD_OUT
+    root = held_out_root(held_out) if data is not None and held_out.is_file() else None
+    if root is not None and root.is_dir():  # val was split off the training folder: those images only
+        commands.append(["python", "validate.py", "--model", str(model), "--data-dir", str(root),
+                         "--files", str(held_out)])
+    elif data is not None:
         commands.append(["python", "validate.py", "--model", str(model), "--data-dir", str(data)])
+    if data is not None:
         if task == "segmentation":
             images = sorted(p for p in (data / "imgs").glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
             image = images[0] if images else None

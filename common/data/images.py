@@ -134,6 +134,7 @@ class FolderSplits:
     train: list[Sample]
     val: list[Sample]
     description: str
+    drawn_from: Path | None = None  # the folder val was split off (its images train too), else None
 
 
 def folder_splits(data_dir: Path, val_split: float, seed: int) -> FolderSplits:
@@ -149,13 +150,15 @@ def folder_splits(data_dir: Path, val_split: float, seed: int) -> FolderSplits:
     if not train_dir.is_dir():
         classes, samples = scan_class_folders(data_dir)
         train, val = stratified_split(samples, val_split, seed)
-        return FolderSplits(classes, train, val, f"{data_dir} split {1 - val_split:.0%}/{val_split:.0%}")
+        return FolderSplits(classes, train, val, f"{data_dir} split {1 - val_split:.0%}/{val_split:.0%}",
+                            data_dir)
     classes, samples = scan_class_folders(train_dir)
     val_dir = data_dir / "val"
     if not val_dir.is_dir():
         train, val = stratified_split(samples, val_split, seed)
         return FolderSplits(classes, train, val,
-                            f"{train_dir} split {1 - val_split:.0%}/{val_split:.0%} (no val/ folder)")
+                            f"{train_dir} split {1 - val_split:.0%}/{val_split:.0%} (no val/ folder)",
+                            train_dir)
     val_classes = class_folders(val_dir)
     if set(val_classes) != set(classes):
         only_train = sorted(set(classes) - set(val_classes))
