@@ -19,6 +19,7 @@ import gpu_train
 import predict
 import train_unet
 from common.checkpoint import load_checkpoint
+from common.classify_predict import ImageFiles
 from common.data import images as im
 from common.data import segmentation as seg
 from common.data.cache import build_image_cache, decode_rgb_uint8
@@ -372,7 +373,7 @@ def test_orientation_is_applied_alike_in_training_cache_and_predict(tmp_path, ho
     _phone_photo(path, how)
     pre = im.preprocessing(16)
     loader_x = im.ImageDataset([(str(path), 0)], im.eval_transform(pre))[0][0]
-    predict_x = predict.ImageFiles([path], pre)[0][0]
+    predict_x = ImageFiles([path], pre)[0][0]
     cache = build_image_cache([(str(path), 0)], pre["resize_size"], cache_dir=tmp_path / "c",
                               data_root=tmp_path, skip_bad=False, show_progress=False, log=lambda _: None)
     cache_x = BatchAugment(16, pre["mean"], pre["std"], kind="eval").apply(cache.images.clone(), None)[0]

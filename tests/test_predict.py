@@ -92,6 +92,9 @@ def test_missing_input_and_bad_output_name(trained, tmp_path, capsys):
     assert "nope.jpg does not exist" in error_line(capsys)
     assert predict.main(["-m", str(model), "-i", str(trained[1] / "val"), "-o", "r.txt"]) == 2
     assert "one .csv or .json file" in error_line(capsys)
+    for flag in ("--topk", "--batch-size"):
+        assert predict.main(["-m", str(model), "-i", str(trained[1] / "val"), flag, "0"]) == 2
+        assert error_line(capsys) == f"error: {flag} must be 1 or more, got 0"
 
 
 class Planted:
