@@ -40,7 +40,7 @@ How skip leaves no trace of the step (all on the device)
 On a stop, NonFiniteStop (a UserError: one `error:` line, exit code 2, no traceback) names the epoch
 and step of the first non-finite step; trainer.run_job writes nonfinite_batch.json with that step's
 sample indices per rank (and file names where the data set has them: image folders and image/mask
-pairs; the data cache keeps none) and waits for rank 0's writes on every rank before leaving.
+pairs, cached or not; a torchvision set has none) and waits for rank 0's writes on every rank before leaving.
 The indices are replayed from the loader's ShardSampler (a permutation of seed and epoch).
 """
 from __future__ import annotations

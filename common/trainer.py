@@ -260,8 +260,7 @@ def _write_report(report: NonFiniteReport, job: Job, s: Session) -> str:
         sample.update(files(sample["index"]) if files else {})
     data["samples"] = samples
     if samples and files is None:
-        data["files"] = ("not known on this data path (the data cache keeps no file names); "
-                         "--data-cache off lists them")
+        data["files"] = "this data set has no files (a torchvision set): the indices are its sample numbers"
     if s.is_main:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -272,7 +271,11 @@ def _write_report(report: NonFiniteReport, job: Job, s: Session) -> str:
 
 
 def _sample_files(loader: Any) -> Callable[[int], dict[str, str]] | None:
-    """index -> file names, for the data sets that keep them (image folders, image/mask pairs)."""
+    """index -> file names, for the data sets that keep them (image folders, image/mask pairs, on the
+    DataLoader path and in the data cache)."""
+    cached = getattr(loader, "sample_files", None)
+    if isinstance(cached, list):
+        return lambda i: cached[i]
     dataset = getattr(loader, "dataset", None)
     samples, pairs = getattr(dataset, "samples", None), getattr(dataset, "pairs", None)
     if isinstance(samples, list):

@@ -409,6 +409,59 @@ def test_gpu_train_skip_finishes_with_finite_weights_and_says_so(folder, tmp_pat
     assert len(rows) == 3 and all(math.isfinite(float(r["train_loss"])) for r in rows)
 
 
+def poison_cached_row(monkeypatch, row: int) -> None:
+    """The data cache's training batches: NaN inputs for the batch holding cached row `row`, the
+    second time it is drawn (the second epoch)."""
+    from common.data.device_batches import CachedBatches
+
+    original, seen = CachedBatches._batch, collections.Counter()
+
+    def batch(self, host, dev, params):
+        x, y = original(self, host, dev, params)
+        if self.train and row in host.tolist():
+            seen[row] += 1
+            if seen[row] == 2:
+                x = torch.full_like(x, math.nan)
+        return x, y
+
+    monkeypatch.setattr(CachedBatches, "_batch", batch)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_the_report_names_the_files_on_the_data_cache_path_too(folder, tmp_path, monkeypatch, task):
+    poison_cached_row(monkeypatch, 3)
+    out = tmp_path / "out"
+    if task == "classification":
+        train = images_mod.folder_splits(folder, 0.2, 42).train
+        expected = {"file": str(train[3][0])}
+        code = gpu_train.main(["--data-dir", str(folder), "--output", str(out), *FAST, "--epochs", "3",
+                               "--data-cache", "ram"])
+    else:
+        shapes = make_shapes_dataset(tmp_path / "shapes", n=24, size=32)
+        image, mask = segmentation_mod.split_pairs(segmentation_mod.find_pairs(shapes), 25, 42)[0][3]
+        expected = {"file": str(image), "mask": str(mask)}
+        code = train_unet.main(["--data-dir", str(shapes), "--output", str(out), "-e", "3", "-b", "4",
+                                "-v", "25", "--data-cache", "ram", "-s", "1", "--width", "8",
+                                "--num-workers", "0"])
+    assert code == 2
+    report = json.loads((out / "nonfinite_batch.json").read_text())
+    assert "files" not in report  # no "file names not known" note
+    assert {"rank": 0, "index": 3, **expected} in report["samples"], report["samples"]
+    assert all("file" in sample for sample in report["samples"])
+
+
+def test_cached_rows_keep_their_files_when_a_skipped_image_is_left_out(tmp_path):
+    from common.data.cache import ImageCache
+    from common.data.fast_path import _kept_files
+
+    samples = [(str(tmp_path / f"{i}.png"), 0) for i in range(4)]
+    dataset = images_mod.ImageDataset(samples, transform=lambda image: image)
+    cache = ImageCache(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64),
+                       None, None, False, bad=[(samples[1][0], "cannot be decoded")])
+    assert _kept_files(dataset, cache) == [{"file": samples[i][0]} for i in (0, 2, 3)]
+    assert _kept_files(object(), cache) is None  # a torchvision set: no files
+
+
 def test_a_learning_rate_that_diverges_stops_with_one_line(folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert gpu_train.main(["--data-dir", str(folder), "--output", str(out), *FAST, "--epochs", "3",

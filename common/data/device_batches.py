@@ -54,11 +54,17 @@ class CachedBatches:
 
     images: uint8 (N, C, H, W) on the device or in (pinned) RAM; targets: (N,) labels or
     (N, H, W) masks, in the same place. With masks, the augmentation moves them with the image.
+    sample_files: the files of each cached row ({"file": ...}, and "mask" for pairs), for the
+    reports that name samples (a non-finite step's); None where the data set has no files.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *,
                  augment: BatchAugment, train: bool, device: torch.device, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, masks: bool = False):
+                 rank: int = 0, world_size: int = 1, masks: bool = False,
+                 sample_files: list[dict[str, str]] | None = None):
+        if sample_files is not None and len(sample_files) != images.shape[0]:
+            raise ValueError(f"{len(sample_files)} file names for {images.shape[0]} cached samples")
+        self.sample_files = sample_files
         self.images, self.targets = images, targets
         self.batch_size, self.augment, self.train = batch_size, augment, train
         self.device, self.seed, self.masks = torch.device(device), seed, masks

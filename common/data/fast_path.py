@@ -39,6 +39,15 @@ def _image_cache(dataset: Any, size: int, args, s) -> ImageCache | None:
     return None
 
 
+def _kept_files(dataset: Any, cache: ImageCache) -> list[dict[str, str]] | None:
+    """The file of each cached row of a folder data set (its samples less the skipped ones, in
+    order); None for a torchvision set, which has no files."""
+    if not isinstance(dataset, ImageDataset):
+        return None
+    bad = {path for path, _ in cache.bad}
+    return [{"file": str(path)} for path, _ in dataset.samples if str(path) not in bad]
+
+
 def _ordered_build(s, build: Callable[[], Any]) -> Any:
     """Rank 0 decodes and writes the cache file first; the other ranks then read it."""
     if s.ctx.enabled and not s.is_main:
@@ -79,7 +88,7 @@ def classification_batches(train_set: Any, val_set: Any, pre: dict[str, Any], ar
     eval_aug = BatchAugment(out, mean, std, kind="eval")
     common = {"device": s.device, "rank": s.ctx.rank, "world_size": s.ctx.world_size}
     return (CachedBatches(train.images, train.labels, args.batch_size, augment=train_aug, train=True,
-                          seed=args.seed, **common),
+                          seed=args.seed, sample_files=_kept_files(train_set, caches[0]), **common),
             CachedBatches(val.images, val.labels, args.batch_size, augment=eval_aug, train=False, **common))
 
 
@@ -130,7 +139,8 @@ def segmentation_batches(train_pairs, val_pairs, mask_values, args, s, *, in_cha
     zeros, ones = [0.0] * in_chans, [1.0] * in_chans
     common = {"device": s.device, "rank": s.ctx.rank, "world_size": s.ctx.world_size, "masks": True}
     flips = BatchAugment(None, zeros, ones, kind="flip", hflip=True, vflip=vflip)
+    files = [{"file": str(image), "mask": str(mask)} for image, mask in train_pairs]
     return (CachedBatches(train.images, train.masks, args.batch_size, augment=flips, train=True,
-                          seed=args.seed, **common),
+                          seed=args.seed, sample_files=files, **common),
             CachedBatches(val.images, val.masks, args.batch_size, train=False,
                           augment=BatchAugment(None, zeros, ones, kind="eval"), **common))
