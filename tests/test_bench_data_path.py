@@ -7,7 +7,6 @@ worse loader as the baseline, a mean instead of a median or a wrong epoch count 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import statistics
@@ -16,16 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_check import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 @pytest.fixture(scope="module")

@@ -7,44 +7,22 @@ the epoch times it prints (to their printed precision), and on epoch times the t
 """
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_check import agrees, load_bench, median, unload_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ddp_overhead", ROOT / "bench" / "ddp_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_bench("ddp_overhead", "bench_ddp_overhead")
     yield module
-    sys.modules.pop(spec.name, None)
-
-
-def digits(text: str) -> float:
-    """Half a unit of the last printed digit of `text`: how far the true value may lie from it."""
-    return 0.5 * 10.0 ** -len(text.partition(".")[2])
-
-
-def agrees(printed: str, formula, *values: str) -> bool:
-    """`printed` is formula(*values) to the printed precision of all of them: the formula is
-    monotone in each argument, so its extremes over the rounding intervals are at their corners."""
-    corners = [formula(*combo) for combo in itertools.product(
-        *[(float(v) - digits(v), float(v) + digits(v)) for v in values])]
-    return min(corners) - digits(printed) <= float(printed) <= max(corners) + digits(printed)
-
-
-def median(*values: float) -> float:
-    return statistics.median(values)
+    unload_bench(module)
 
 
 def check_table(out: str, images: int) -> dict:

@@ -8,15 +8,12 @@ ratio is a hand-computed number, so an inverted ratio fails even when both sides
 """
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import re
-import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_check import agrees, load_bench, median, unload_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,12 +25,9 @@ STEP = re.compile(r"outside its steps: (-?[\d.]+) ms \(median\); median bare ste
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "bench" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_bench("overhead", "bench_overhead")
     yield module
-    sys.modules.pop(spec.name, None)
+    unload_bench(module)
 
 
 def ratio_of(out: str) -> float:
@@ -41,19 +35,6 @@ def ratio_of(out: str) -> float:
     match = re.fullmatch(r"ratio: (\d+\.\d{3})", last)
     assert match, f"last line is not `ratio: X.XXX`: {last!r}"
     return float(match.group(1))
-
-
-def digits(text: str) -> float:
-    """Half a unit of the last printed digit of `text`: how far the true value may lie from it."""
-    return 0.5 * 10.0 ** -len(text.partition(".")[2])
-
-
-def agrees(printed: str, formula, *values: str) -> bool:
-    """`printed` is formula(*values) to the printed precision of all of them: the formula is
-    monotone in each argument, so its extremes over the rounding intervals are at their corners."""
-    corners = [formula(*combo) for combo in itertools.product(
-        *[(float(v) - digits(v), float(v) + digits(v)) for v in values])]
-    return min(corners) - digits(printed) <= float(printed) <= max(corners) + digits(printed)
 
 
 def parse(out: str) -> tuple[list[tuple[str, ...]], dict[str, tuple[str, ...]]]:
@@ -64,10 +45,6 @@ def parse(out: str) -> tuple[list[tuple[str, ...]], dict[str, tuple[str, ...]]]:
     assert len(reported) == 1, out
     rows["reported"] = rows[reported[0]]
     return rounds, rows
-
-
-def median(*values: float) -> float:
-    return statistics.median(values)
 
 
 def check_table(out: str, mode: str, batches: int, batch_size: int) -> float:

@@ -3,7 +3,6 @@ clear line; the cuda tests import and are skipped here; bench/gpu.py exits 2 wit
 table and ratios are right (a pure function, fed with made-up figures)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_check import load_bench, unload_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA_LINE = ("no CUDA device: make test-gpu needs a visible NVIDIA GPU "
@@ -22,12 +22,9 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device i
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_bench("gpu", "bench_gpu")
     yield module
-    sys.modules.pop(spec.name, None)
+    unload_bench(module)
 
 
 def makefile_check() -> str:
