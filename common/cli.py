@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import UserError
 
@@ -64,8 +64,24 @@ class Parser(argparse.ArgumentParser):
             hint = (f"; {blank} of them blank (only spaces): in a command over several lines the backslash "
                     "must be the last character of each line, with no spaces or # comment after it, or "
                     "the lines after it never reach the script") if blank else ""
-            self.error(f"unrecognized arguments: {shown}{hint}")
+            self.error(f"unrecognized arguments: {shown}{hint or self._close_flags(extras)}")
         return parsed
+
+    def _close_flags(self, extras: Sequence[str]) -> str:
+        """"; did you mean --learning-rate?" for a mistyped flag close to one this script takes."""
+        import difflib
+
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        guesses = []
+        for arg in extras:
+            if arg.startswith("--"):
+                guesses += difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.7)
+        return f"; did you mean {' or '.join(dict.fromkeys(guesses))}?" if guesses else ""
+
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other bad input gets (argparse's own prints the whole usage first,
+        27 lines for gpu_train.py, which hide the error); exit code 2."""
+        self.exit(2, f"error: {message} (python {self.prog} --help lists every flag)\n")
 
 
 EXAMPLES_SHOWN = 5

@@ -136,4 +136,31 @@ def test_other_unrecognized_arguments_keep_the_plain_message(capsys):
         parser_of("gpu_train").parse_args(["stray"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: stray" in err and "blank" not in err
+    assert "unrecognized arguments: stray" in err and "blank" not in err and "did you mean" not in err
+
+
+@pytest.mark.parametrize("script, argv, unknown, meant", [
+    ("gpu_train", ["--data-dri", "x"], "--data-dri x", "--data-dir"),
+    ("gpu_train", ["--lable-smoothing=0.1"], "--lable-smoothing=0.1", "--label-smoothing"),
+    ("train_unet", ["--validaton", "10"], "--validaton 10", "--validation"),
+    ("predict", ["-m", "a.pth", "-i", "b.png", "--mask-treshold", "0.4"], "--mask-treshold 0.4",
+     "--mask-threshold"),
+])
+def test_a_mistyped_flag_is_one_line_that_names_the_flag_meant(capsys, script, argv, unknown, meant):
+    with pytest.raises(SystemExit) as exc:
+        parser_of(script).parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: unrecognized arguments: {unknown}; did you mean {meant}? "
+                   f"(python {parser_of(script).prog} --help lists every flag)"], err
+
+
+def test_a_bad_value_is_one_line_without_the_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parser_of("gpu_train").parse_args(["--lr", "x"])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"error: argument --lr: invalid float value: 'x' (python {parser_of('gpu_train').prog} --help "
+        "lists every flag)"]
+    assert captured.out == ""
