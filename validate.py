@@ -41,6 +41,9 @@ def build_parser():
                         help="check every image first (default: fast)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="evaluate without unreadable images instead of stopping")
+    parser.add_argument("-s", "--scale", type=float, default=None,
+                        help="U-Net models: the image scale (default: the checkpoint's; 0.5 for a "
+                             "Pytorch-UNet file, which records none)")
     add_loading_args(parser, plain_state_dict=True, img_size=None)
     add_device_args(parser)
     add_series_args(parser)

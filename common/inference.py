@@ -153,7 +153,7 @@ def _from_unet_state_dict(state: dict[str, torch.Tensor], values: Any, file: Pat
     upsampling = "bilinear" if shape["bilinear"] else "transposed-conv"
     notes.insert(0, f"a U-Net state_dict (Pytorch-UNet layout), read from its tensors as {classes} output "
                     f"channel(s), {upsampling} upsampling, width {shape['base']}; mask values {mask_values}; "
-                    f"its scale is not recorded: {UNET_SCALE} unless -s is given")
+                    f"its scale is not recorded: {UNET_SCALE}, that trainer's default, is assumed")
     ignored = [flag for flag, value in (("--arch", arch), ("--num-classes", num_classes)) if value]
     if ignored:
         notes.append(f"{', '.join(ignored)} ignored: the U-Net's shape is read from {file}")
@@ -218,6 +218,9 @@ def load_from_args(path: str | Path, args: Any, device: torch.device, *, tasks: 
                                 img_size=flag("img_size") or 224)
     for note in loaded.notes:
         log(f"notice: {note}")
+    if loaded.task == "segmentation" and loaded.checkpoint is None and "scale" in vars(args):
+        log(f"notice: using -s/--scale {args.scale:g}" if args.scale is not None else
+            f"notice: if it was trained at another scale than {UNET_SCALE}, pass that scale with -s/--scale")
     keys = ("arch", "num_classes", "img_size") if plain_img_size else ("arch", "num_classes")
     ignored = [f"--{key.replace('_', '-')}" for key in keys if flag(key) is not None]
     if loaded.checkpoint is not None and ignored:

@@ -95,6 +95,7 @@ def run(loaded: LoadedModel, inputs: Sequence[Path], args, s, given: Collection[
         s.log(line)
     mask_values = loaded.mask_values or [0, 255]
     scale = args.scale if args.scale is not None else loaded.preprocessing.get("scale", 0.5)
+    seg.check_scale(scale)
     channels = loaded.preprocessing.get("channels", 3)
     targets = output_paths(inputs, args.output)
     bad: list[tuple[Path, str]] = []

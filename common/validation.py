@@ -140,7 +140,8 @@ def validate_segmentation(loaded, args, s) -> int:
     mask_values = loaded.mask_values
     if not mask_values:
         raise UserError(f"{args.model} has no mask values; use a checkpoint written by train_unet.py")
-    dataset = seg.SegmentationDataset(pairs, mask_values, loaded.preprocessing.get("scale", 0.5))
+    scale = args.scale if args.scale is not None else loaded.preprocessing.get("scale", 0.5)
+    dataset = seg.SegmentationDataset(pairs, mask_values, scale)
     loader = make_loader(dataset, args.batch_size, train=False, num_workers=s.num_workers,
                          pin_memory=s.pin_memory)
     task = SegmentationTask(loaded.spec["kwargs"]["num_classes"])
@@ -150,7 +151,7 @@ def validate_segmentation(loaded, args, s) -> int:
           f"IoU: {metrics['iou']:.4f}")
     if args.results_file:
         result = {"checkpoint": str(args.model), "data_dir": str(args.data_dir), **_scope(args),
-                  "pairs": len(pairs), "metrics": metrics, "mask_values": mask_values}
+                  "pairs": len(pairs), "scale": scale, "metrics": metrics, "mask_values": mask_values}
         write_results_file(args.results_file, result)
         print(f"results: {args.results_file}")
     return 0
@@ -169,6 +170,8 @@ def validate_classification(loaded, args, s) -> int:
     from .reporting import plot_confusion_matrix
     from .tasks import ClassificationTask
 
+    if args.scale is not None:
+        s.log("notice: -s/--scale is for U-Net models; ignored for this classifier")
     data_dir = Path(args.data_dir)
     classes, samples, notes = folder_samples(loaded, data_dir, output_width(loaded, s.device))
     for note in notes:

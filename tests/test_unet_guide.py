@@ -240,6 +240,35 @@ def test_validate_export_and_test_model_accept_a_pytorch_unet_file(run, tmp_path
     assert meta["task"] == "segmentation" and json.loads(meta["mask_values"]) == [0, 255]
 
 
+def test_validate_takes_the_scale_a_pytorch_unet_file_does_not_record(run, tmp_path, capsys):
+    """Without -s a Pytorch-UNet file is validated at 0.5, and a notice names -s/--scale (a flag
+    validate.py has); with -s it is validated at that scale, as the toolkit's checkpoint is with -s."""
+    epoch = run["out"] / "checkpoint_epoch5.pth"
+    foreign = _pytorch_unet_file(tmp_path / "MODEL.pth", load_checkpoint(epoch)["state_dict"], [0, 255])
+
+    def dice(model: Path, *extra: str) -> tuple[float, float, str]:
+        results = tmp_path / "r.json"
+        capsys.readouterr()
+        assert validate.main(["--model", str(model), "--data-dir", str(run["data"]), "--num-workers", "0",
+                              "--results-file", str(results), *extra]) == 0
+        payload = json.loads(results.read_text())
+        return payload["metrics"]["dice"], payload["scale"], capsys.readouterr().out
+
+    plain, scale, out = dice(foreign)
+    assert scale == 0.5 and "pass that scale with -s/--scale" in out
+    assert "-s SCALE, --scale SCALE" in validate.build_parser().format_help()
+    theirs, scale, out = dice(foreign, "-s", "0.25")
+    assert scale == 0.25 and "using -s/--scale 0.25" in out
+    ours, scale, _ = dice(epoch, "-s", "0.25")
+    assert scale == 0.25 and theirs == pytest.approx(ours, abs=1e-6)
+    assert theirs != pytest.approx(plain, abs=1e-9)  # the scale did change what was measured
+    capsys.readouterr()
+    assert validate.main(["--model", str(foreign), "--data-dir", str(run["data"]), "-s", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: -s/--scale must be above 0 (e.g. 0.5), got 0"
+    assert predict.main(["-m", str(foreign), "-i", _image(run["data"], 0), "-s", "-1", "-n"]) == 2
+    assert capsys.readouterr().err.strip() == "error: -s/--scale must be above 0 (e.g. 0.5), got -1"
+
+
 @pytest.mark.parametrize("classes,bilinear,in_chans,base", [(1, True, 3, 4), (3, False, 1, 6)])
 def test_the_unets_shape_is_read_from_the_tensors(classes, bilinear, in_chans, base, tmp_path):
     torch.manual_seed(0)

@@ -400,6 +400,11 @@ def preprocessing(scale: float, in_chans: int = 3) -> dict[str, Any]:
             "std": [1.0] * in_chans, "interpolation": "bicubic", "mask_interpolation": "nearest"}
 
 
+def check_scale(scale: float) -> None:
+    if not scale > 0:
+        raise UserError(f"-s/--scale must be above 0 (e.g. 0.5), got {scale:g}")
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """(image CxHxW float in [0, 1], mask HxW int64 class indices) per pair, resized by scale.
 
@@ -409,8 +414,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, pairs: Sequence[Pair], mask_values: Sequence[MaskValue], scale: float = 0.5,
                  augment: bool = False, in_chans: int = 3, vflip: bool = True):
-        if not scale > 0:
-            raise UserError(f"-s/--scale must be above 0 (e.g. 0.5), got {scale}")
+        check_scale(scale)
         if in_chans not in (1, 3):
             raise UserError(f"images are read with 1 (grayscale) or 3 (RGB) channels, not {in_chans}")
         self.pairs = [(str(i), str(m)) for i, m in pairs]
