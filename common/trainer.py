@@ -118,6 +118,19 @@ def best_text(monitor: str, state: TrainState) -> str | None:
     return f"{split} {name} {value} at epoch {state.best_epoch}{ema} ({trained})"
 
 
+_ROOT = Path(__file__).resolve().parent.parent  # the project folder, which holds the scripts
+
+
+def _script(name: str) -> str:
+    """A script as the user can run it from the folder they are in: its bare name in the project
+    folder (as the guides write it), else its full path (the data paths are relative to here)."""
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the folder was removed
+        here = None
+    return name if here == _ROOT else str(_ROOT / name)
+
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
 
@@ -129,22 +142,22 @@ def next_commands(task: str, model: Path, output: Path, args: argparse.Namespace
     held_out = output / HELD_OUT
     root = held_out_root(held_out) if data is not None and held_out.is_file() else None
     if root is not None and root.is_dir():  # val was split off the training folder: those images only
-        commands.append(["python", "validate.py", "--model", str(model), "--data-dir", str(root),
+        commands.append(["python", _script("validate.py"), "--model", str(model), "--data-dir", str(root),
                          "--files", str(held_out)])
     elif data is not None:
-        commands.append(["python", "validate.py", "--model", str(model), "--data-dir", str(data)])
+        commands.append(["python", _script("validate.py"), "--model", str(model), "--data-dir", str(data)])
     if data is not None:
         if task == "segmentation":
             images = sorted(p for p in (data / "imgs").glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
             image = images[0] if images else None
             if image is not None:
-                commands.append(["python", "predict.py", "-m", str(model), "-i", str(image),
+                commands.append(["python", _script("predict.py"), "-m", str(model), "-i", str(image),
                                  "-o", str(output / f"{image.stem}_mask.png"), "-v"])
         elif data.is_dir() or data.suffix.lower() == ".csv":
-            commands.append(["python", "predict.py", "--model", str(model), "--input", str(data),
+            commands.append(["python", _script("predict.py"), "--model", str(model), "--input", str(data),
                              "--output", str(output / "predictions.csv")])
     onnx = output / ("model.onnx" if model.parent == output else f"{model.parent.name}.onnx")
-    commands.append(["python", "export_onnx.py", "--model", str(model), "--output", str(onnx)])
+    commands.append(["python", _script("export_onnx.py"), "--model", str(model), "--output", str(onnx)])
     return commands
 
 

@@ -147,6 +147,27 @@ def test_segmentation_commands_predict_one_real_image(tmp_path):
     assert parsed["export_onnx.py"].model == str(model)
 
 
+def test_commands_name_the_scripts_by_path_outside_the_project_folder(tmp_path, monkeypatch):
+    """Run from the project folder, the scripts are named as the guides write them; from anywhere
+    else (the data paths being relative to there) by their full path, so each line runs as printed."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_folder(data / "val", per_class=1)
+    model = write(out / "best_model.pth", 10)
+    monkeypatch.chdir(root)
+    assert [a[1] for a in next_commands("classification", model, out, namespace(data_dir=str(data)))] == [
+        "validate.py", "predict.py", "export_onnx.py"]
+    monkeypatch.chdir(tmp_path)
+    commands = next_commands("classification", model, out, namespace(data_dir=str(data)))
+    scripts = ("validate.py", "predict.py", "export_onnx.py")
+    assert [a[1] for a in commands] == [str(root / n) for n in scripts]
+    shown = subprocess.run([sys.executable, commands[0][1], "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: validate.py")
+
+
 def test_timeseries_commands_and_data_validate_cannot_read(tmp_path):
     out = tmp_path / "behavior_results"
     model = write(out / "cnn" / "best_model.pth", 10)
