@@ -47,6 +47,9 @@ class ExportSpec:
     sample_shape: tuple[int, ...]  # one input, without the batch axis
     output_name: str
     metadata: dict[str, str]
+    # (C, H, W) inputs with dynamic height and width, at least this many pixels a side (a U-Net);
+    # 0: the spatial size is fixed
+    min_side: int = 0
 
 
 def export_spec(loaded: LoadedModel, img_size: int | None) -> ExportSpec:
@@ -68,16 +71,19 @@ def export_spec(loaded: LoadedModel, img_size: int | None) -> ExportSpec:
         return ExportSpec((channels, size, size), "logits", meta)
     if loaded.task == "segmentation":
         pre = dict(loaded.preprocessing)
+        from .models.unet import MIN_SIZE
+
         size, channels = int(img_size or 256), int(pre.get("channels", 3))
         mask_values = loaded.mask_values or []
         meta = {"mask_values": json.dumps(mask_values), "scale": str(pre.get("scale", 1.0)),
-                "img_size": str(size), "channels": str(channels),
+                "img_size": "any", "channels": str(channels),
                 "preprocessing": json.dumps(pre, sort_keys=True),
                 "input_format": f"float32 NCHW, RGB scaled to 0-1 (no mean/std); images resized by "
-                                f"scale {pre.get('scale', 1.0)}; exported at {size}x{size}",
-                "output_format": "logits NxCxHxW: argmax over C (sigmoid > 0.5 with one class) gives "
-                                 "the index into mask_values"}
-        return ExportSpec((channels, size, size), "logits", meta)
+                                f"scale {pre.get('scale', 1.0)}; any height and width of at least "
+                                f"{MIN_SIZE} px (dynamic axes)",
+                "output_format": "logits NxCxHxW at the input's height and width: argmax over C "
+                                 "(sigmoid > 0.5 with one class) gives the index into mask_values"}
+        return ExportSpec((channels, size, size), "logits", meta, min_side=MIN_SIZE)
     if loaded.task == "timeseries":
         pre = dict(loaded.preprocessing)
         steps, channels = int(pre["window_size"]), list(pre["channels"])
@@ -160,12 +166,17 @@ def export_model(model: nn.Module, name: str, example: torch.Tensor, path: Path,
     try:
         with quiet(log, verbose):
             if opset >= DYNAMO_MIN_OPSET:
-                shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
+                dims = {0: torch.export.Dim("batch", min=1)} if dynamic else {}
+                if spec.min_side:
+                    dims.update({2: torch.export.Dim("height", min=spec.min_side),
+                                 3: torch.export.Dim("width", min=spec.min_side)})
+                shapes = (dims,) if dims else None
                 program = torch.onnx.export(model, (example,), None, dynamo=True, dynamic_shapes=shapes,
                                             verbose=verbose, **names)
                 program.save(path)  # f=None + save(): weights stay inside the file below 2 GB
                 return "torch.export-based exporter"
-            axes = {INPUT_NAME: {0: "batch"}, spec.output_name: {0: "batch"}} if dynamic else None
+            axis = ({0: "batch"} if dynamic else {}) | ({2: "height", 3: "width"} if spec.min_side else {})
+            axes = {INPUT_NAME: axis, spec.output_name: dict(axis)} if axis else None
             torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes,
                               verbose=verbose, **names)
             return "TorchScript-based exporter"
@@ -299,28 +310,39 @@ def onnx_outputs(session: Any, x: torch.Tensor) -> np.ndarray:
                         f"({type(exc).__name__}: {short_reason(str(exc))}); try another --opset") from None
 
 
+def check_inputs(spec: ExportSpec, batches: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The inputs the check runs, by label: each batch size at the example's shape; with dynamic
+    height and width, also batch 1 at another, odd, non-square size (the axes really are free)."""
+    shapes = {f"batch {b}": (b, *spec.sample_shape) for b in batches}
+    if spec.min_side:
+        channels, height, width = spec.sample_shape
+        other = (max(spec.min_side, height // 2 + 3), max(spec.min_side, width + 5))
+        shapes[f"batch 1 at {other[0]}x{other[1]}"] = (1, channels, *other)
+    return shapes
+
+
 def max_differences(model: nn.Module, session: Any, spec: ExportSpec,
-                    batches: Sequence[int]) -> dict[int, float]:
-    """Largest |onnxruntime - PyTorch| per batch size, on the same random inputs."""
+                    batches: Sequence[int]) -> dict[str, float]:
+    """Largest |onnxruntime - PyTorch| per input of check_inputs, on the same random inputs."""
     import numpy as np
     import torch
 
     generator = torch.Generator().manual_seed(0)
     diffs = {}
-    for batch in batches:
-        x = torch.randn((batch, *spec.sample_shape), generator=generator)
+    for label, shape in check_inputs(spec, batches).items():
+        x = torch.randn(shape, generator=generator)
         expected, got = torch_outputs(model, x), onnx_outputs(session, x)
         if got.shape != expected.shape:
             raise UserError(f"onnxruntime gives {spec.output_name} of shape {list(got.shape)}, PyTorch "
-                            f"{list(expected.shape)} (batch {batch}); try another --opset")
-        diffs[batch] = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
+                            f"{list(expected.shape)} ({label}); try another --opset")
+        diffs[label] = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
     return diffs
 
 
-def check_tolerance(diffs: dict[int, float], atol: float) -> None:
-    for batch, diff in diffs.items():
+def check_tolerance(diffs: dict[str, float], atol: float) -> None:
+    for label, diff in diffs.items():
         if not diff <= atol:  # also catches NaN
-            raise UserError(f"onnxruntime and PyTorch outputs differ by up to {diff:.3g} at batch {batch}, "
+            raise UserError(f"onnxruntime and PyTorch outputs differ by up to {diff:.3g} at {label}, "
                             f"above --atol {atol:g}; the ONNX file was not written. Try another --opset, "
                             "or pass a larger --atol if that difference is acceptable")
 
@@ -353,7 +375,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--atol must be 0 or more, got {args.atol}")
 
 
-def summary(path: Path, exporter: str, opset: int, diffs: dict[int, float], atol: float) -> str:
+def summary(path: Path, exporter: str, opset: int, diffs: dict[str, float], atol: float) -> str:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -368,7 +390,7 @@ def summary(path: Path, exporter: str, opset: int, diffs: dict[int, float], atol
             out.append(f"{v.name} {dtype} [{', '.join(dims)}]")
         return out
 
-    checks = ", ".join(f"{d:.2g} at batch {b}" for b, d in diffs.items())
+    checks = ", ".join(f"{d:.2g} at {label}" for label, d in diffs.items())
     return "\n".join([f"exported: {path} ({size / 2**20:.2f} MiB, opset {opset}, {exporter})",
                       f"  inputs: {'; '.join(describe(model.graph.input))}",
                       f"  outputs: {'; '.join(describe(model.graph.output))}",
@@ -400,7 +422,7 @@ def export_checkpoint(args: argparse.Namespace) -> int:
 
 
 def write_checked(loaded: LoadedModel, spec: ExportSpec, example: torch.Tensor, out: Path,
-                  args: argparse.Namespace) -> tuple[str, dict[int, float]]:
+                  args: argparse.Namespace) -> tuple[str, dict[str, float]]:
     """Export, add the metadata and check, in a temporary folder beside `out`; only a file that
     passed every check replaces what was at `out`. Returns the exporter and the differences."""
     try:
@@ -410,7 +432,7 @@ def write_checked(loaded: LoadedModel, spec: ExportSpec, example: torch.Tensor, 
 
 
 def _write_checked(loaded: LoadedModel, spec: ExportSpec, example: torch.Tensor, out: Path,
-                   args: argparse.Namespace) -> tuple[str, dict[int, float]]:
+                   args: argparse.Namespace) -> tuple[str, dict[str, float]]:
     name, dynamic = model_name(loaded), not args.static_batch
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -155,10 +155,12 @@ def test_outputs_above_tolerance_are_an_error_and_keep_the_old_file(trained, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # temp folder removed
 
 
-@pytest.mark.parametrize("bilinear", [False, True])
-def test_a_unet_exports_with_the_logits_pytorch_gives(tmp_path, capsys, bilinear):
+@pytest.mark.parametrize("bilinear, opset", [(False, 18), (True, 18), (False, 17)])
+def test_a_unet_exports_with_the_logits_pytorch_gives(tmp_path, capsys, bilinear, opset):
     """A segmentation checkpoint (U-Net of width 8, either upsampling, batch-norm statistics away from
-    their defaults): onnxruntime's per-pixel class logits equal PyTorch's at a batch of 3."""
+    their defaults), by either exporter: onnxruntime's per-pixel class logits equal PyTorch's at a
+    batch of 3, at the example's size and at another, odd, non-square one (the U-Net takes any size,
+    and so does its ONNX file: dynamic height and width)."""
     model, spec = models_mod.build_model("unet", 2, bilinear=bilinear, base=8)
     gen = torch.Generator().manual_seed(0)
     for module in model.modules():
@@ -171,19 +173,24 @@ def test_a_unet_exports_with_the_logits_pytorch_gives(tmp_path, capsys, bilinear
     ckpt = tmp_path / "unet.pth"
     atomic_save(payload, ckpt)
     out = tmp_path / "unet.onnx"
-    assert export_onnx.main(["--model", str(ckpt), "--output", str(out), "--img-size", "32"]) == 0
-    assert "max |diff|" in capsys.readouterr().out
+    assert export_onnx.main(["--model", str(ckpt), "--output", str(out), "--img-size", "32",
+                             "--opset", str(opset)]) == 0
+    printed = capsys.readouterr().out
+    assert "at batch 4, " in printed and "at batch 1 at 19x37 (atol" in printed  # the check ran both
     proto = onnx.load(str(out))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["task"] == "segmentation" and json.loads(meta["mask_values"]) == [0, 255]
-    assert dims(proto.graph.input[0]) == ["batch", 3, 32, 32]
-    x = torch.rand(3, 3, 32, 32, generator=gen)
-    got = session(out).run(None, {"input": x.numpy()})[0]
-    assert got.shape == (3, 2, 32, 32)  # dynamic batch, a class map per pixel
-    with torch.no_grad():
-        expected = load_for_inference(ckpt, torch.device("cpu"), tasks=("segmentation",)).model(x).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-    assert (got.argmax(1) == expected.argmax(1)).mean() > 0.999  # the same masks
+    assert meta["img_size"] == "any" and "any height and width of at least 16 px" in meta["input_format"]
+    assert dims(proto.graph.input[0]) == ["batch", 3, "height", "width"]
+    reference = load_for_inference(ckpt, torch.device("cpu"), tasks=("segmentation",)).model
+    for shape in ((3, 3, 32, 32), (3, 3, 45, 27)):
+        x = torch.rand(*shape, generator=gen)
+        got = session(out).run(None, {"input": x.numpy()})[0]
+        assert got.shape == (3, 2, *shape[2:])  # a class map per pixel of the input
+        with torch.no_grad():
+            expected = reference(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+        assert (got.argmax(1) == expected.argmax(1)).mean() > 0.999  # the same masks
 
 
 class CumMaxNet(nn.Module):
