@@ -69,7 +69,7 @@ def build_data(args: argparse.Namespace, s: Session, pairs, mask_values):
                    "rank": s.ctx.rank, "world_size": s.ctx.world_size}
     train_set = seg.SegmentationDataset(train, mask_values, args.scale, augment=True)
     val_set = seg.SegmentationDataset(val, mask_values, args.scale, augment=False)
-    s.log(f"data: {data_dir}: {len(train)} train / {len(val)} val pairs, mask values {mask_values}, "
+    s.log(f"data: {len(train)} train / {len(val)} val pairs in {data_dir}, mask values {mask_values}, "
           f"scale {args.scale}")
     cached = segmentation_batches(train, val, mask_values, args, s)
     if cached is not None:
