@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.cli import add_device_args, add_loading_args, new_parser, resolve
-from common.errors import UserError, run_cli
+from common.cli import add_device_args, add_loading_args, check_positive, new_parser, resolve
+from common.errors import run_cli
 from common.series_args import add_series_args
 
 
@@ -51,9 +51,7 @@ def build_parser():
 
 def _main(argv: Sequence[str] | None) -> int:
     args, given = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
-    for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag} must be 1 or more, got {value}")
+    check_positive(args, "topk", "batch_size")
     from common import classify_predict, segment_predict
     from common.inference import gather_inputs, load_from_args
     from common.session import start_session

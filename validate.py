@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import add_device_args, add_loading_args, new_parser, resolve
+from common.cli import add_device_args, add_loading_args, check_positive, new_parser, resolve
 from common.errors import UserError, run_cli
 from common.series_args import add_series_args
 
@@ -52,6 +52,7 @@ def build_parser():
 
 def _main(argv: Sequence[str] | None) -> int:
     args, _ = resolve(build_parser(), argv)  # --help and a bad flag answer before torch loads
+    check_positive(args, "batch_size")
     if not Path(args.data_dir).exists():  # before the model loads: say which folder, and what is there
         from common.data.images import missing_folder_error
 

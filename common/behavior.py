@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from .behavior_args import MODELS
-from .cli import coerce_values, read_json_object, resolve
+from .cli import check_positive, coerce_values, read_json_object, resolve
 from .data import timeseries as ts
 from .data.loaders import make_loader
 from .distributed import barrier
@@ -28,7 +28,7 @@ from .errors import UserError
 from .metrics import per_class_scores
 from .models import build_model
 from .reporting import attach_log_file, plot_confusion_matrix
-from .session import Session, archive_previous_run, check_positive, save_run_config
+from .session import Session, archive_previous_run, save_run_config
 from .tasks import SeriesTask
 from .trainer import Job, finish_run, in_session, place_model, run_job
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt_lib
 from .classify_args import DEMO_PRESET, add_classification_args, add_distributed_args  # noqa: F401
-from .cli import inheritable, resolve
+from .cli import check_positive, inheritable, resolve
 from .data.builtin import TORCHVISION_SETS, make_demo_dataset, torchvision_classes, torchvision_dataset
 from .data.fast_path import classification_batches
 from .data.images import (
@@ -50,7 +50,7 @@ from .models import (
 )
 from .preflight import check_input_size, check_training_memory
 from .recipes import describe_recipes, describe_resolved, recipe_layer
-from .session import Session, check_positive
+from .session import Session
 from .tasks import ClassificationTask
 from .trainer import Job, in_session, place_model, run_job
 

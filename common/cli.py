@@ -238,6 +238,14 @@ _RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, Tru
            ("ema", 0.0, 1.0, False, False), ("nan_max_skips", 0, None, True, True))
 
 
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Whole-number flags that must be 1 or more (batch sizes, epochs, widths), one line each."""
+    for name in names:
+        value = getattr(args, name)
+        if value is None or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+
+
 def check_training_values(args: argparse.Namespace) -> None:
     """Numbers a training run cannot use, refused before any work: NaN and infinity anywhere, and
     values outside the flag's range (a negative --clip-grad would reverse the gradients)."""
@@ -288,8 +296,12 @@ def coerce_values(raw: Mapping[str, Any], parser: argparse.ArgumentParser, *,
             raise UserError(f"{source}: {key!r} cannot be set here: unpickling a file can run code, so "
                             "trust is given on the command line (--trust-checkpoint), each time")
         if dest not in actions or dest in NOT_IN_CONFIG:
-            valid = ", ".join(sorted(d for d in actions if d not in NOT_IN_CONFIG))
-            raise UserError(f"{source}: unknown key {key!r}; valid keys: {valid}")
+            import difflib
+
+            known = sorted(d for d in actions if d not in NOT_IN_CONFIG)
+            close = difflib.get_close_matches(dest, known, n=1, cutoff=0.7)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(known)}"
+            raise UserError(f"{source}: unknown key {key!r}; {hint}")
         action = actions[dest]
         value = _typed(action, value, f"{source}: {key!r}")
         if action.choices is not None and value is not None and value not in action.choices:

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_lib
 from .classify import ClassificationData, Preparation, build_data
-from .cli import inheritable, resolve
+from .cli import check_positive, inheritable, resolve
 from .data.images import light_transform, preprocessing, train_transform
 from .device import resolve_channels_last
 from .distributed import restart_count
@@ -28,7 +28,7 @@ from .freeze import apply_freezing, freeze_batchnorm
 from .inference import ALL_TASKS, load_for_inference
 from .models import build_model, head_name, model_from_spec, permute_head, replace_head
 from .preflight import check_training_memory
-from .session import Session, check_positive
+from .session import Session
 from .tasks import ClassificationTask
 from .trainer import Job, close_job, in_session, place_model, run_job
 

@@ -160,6 +160,10 @@ def prepare_output_file(path: str | os.PathLike, flag: str) -> Path:
     file = Path(path)
     if file.is_dir():
         raise UserError(f"{flag} {file} is a folder; pass a file name, e.g. {file / 'results.json'}")
+    blocking = next((p for p in file.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # mkdir's "File exists" would not say which
+        raise UserError(f"cannot write {flag} {file}: {blocking} is a file, not a folder; pass a path "
+                        "in a folder")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         probe = file.parent / f".write_test_{os.getpid()}"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_lib
-from .cli import inheritable, resolve
+from .cli import check_positive, inheritable, resolve
 from .data import segmentation as seg
 from .data.fast_path import segmentation_batches
 from .data.loaders import make_loader
@@ -22,7 +22,7 @@ from .models import build_model, load_weights_file
 from .models.unet import MIN_SIZE
 from .preflight import check_scaled_memory
 from .reporting import plot_sample_grid
-from .session import Session, check_positive
+from .session import Session
 from .tasks import SegmentationTask
 from .trainer import Job, in_session, place_model, run_job
 
@@ -96,7 +96,8 @@ def build_unet(args: argparse.Namespace, s: Session, channels_last: bool, resumi
         s.log(f"notice: -f/--load {args.load} ignored: a resumed run continues from the weights in "
               f"{args.resume}")
     elif args.load:
-        load_weights_file(model, args.load, s.log, trust=args.trust_checkpoint)
+        load_weights_file(model, args.load, s.log, trust=args.trust_checkpoint, task="segmentation",
+                          flag="-f/--load", shape_flags="this U-Net (-c/--classes, --bilinear, --width)")
         hint = resume_hint(args.load)
         if hint:
             s.log(hint)
@@ -177,7 +178,8 @@ class ValSamples:
 
 
 def train(args: argparse.Namespace, ckpt: dict | None) -> int:
-    check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval", "classes")
+    check_positive(args, "batch_size", "epochs", "accumulate_grad_batches", "log_interval", "classes",
+                   "width")
     if not 0 < args.scale <= 1:
         raise UserError(f"-s/--scale must be in (0, 1], got {args.scale}")
     if args.keep_last < 0:

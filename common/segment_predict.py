@@ -32,12 +32,20 @@ def check_flags(loaded: LoadedModel, classes: int | None, bilinear: bool) -> Non
                         "drop --bilinear (it is read from the checkpoint)")
 
 
+MASK_FORMATS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+LOSSY = (".jpg", ".jpeg")  # written, with a notice: JPEG compression changes mask values
+
+
 def output_paths(inputs: Sequence[Path], outputs: Sequence[str] | None) -> list[Path]:
     if not outputs:
-        return [p.with_name(f"{p.stem}_OUT.png") for p in inputs]
+        return [p.with_name(f"{p.stem}{seg.PREDICT_SUFFIXES[0]}.png") for p in inputs]
     if len(outputs) != len(inputs):
         raise UserError(f"{len(inputs)} input image(s) but {len(outputs)} output name(s); give one -o "
                         "per input, or none for <name>_OUT.png")
+    wrong = next((o for o in outputs if Path(o).suffix.lower() not in MASK_FORMATS), None)
+    if wrong is not None:
+        raise UserError(f"-o {wrong}: a mask is written as an image; give a file name ending in "
+                        f"{', '.join(MASK_FORMATS)} (PNG keeps the mask values exactly)")
     return [Path(o) for o in outputs]
 
 
@@ -91,6 +99,8 @@ def run(loaded: LoadedModel, inputs: Sequence[Path], args, s, given: Collection[
     """A mask (and overlay) per readable input; an unreadable one is listed and skipped. Exit 0 when
     at least one image was predicted; none is a UserError. given: the flags typed on the command line."""
     check_flags(loaded, args.classes, args.bilinear)
+    if not 0 < args.mask_threshold < 1:
+        raise UserError(f"-t/--mask-threshold is a probability between 0 and 1, got {args.mask_threshold:g}")
     for line in notices(loaded, args, given):
         s.log(line)
     mask_values = loaded.mask_values or [0, 255]
@@ -98,6 +108,10 @@ def run(loaded: LoadedModel, inputs: Sequence[Path], args, s, given: Collection[
     seg.check_scale(scale)
     channels = loaded.preprocessing.get("channels", 3)
     targets = output_paths(inputs, args.output)
+    lossy = [str(t) for t in targets if t.suffix.lower() in LOSSY]
+    if lossy and not args.no_save:
+        s.log(f"notice: {lossy[0]}{' and others' if len(lossy) > 1 else ''}: JPEG compression changes "
+              "some mask values; name the masks .png to keep them exact")
     bad: list[tuple[Path, str]] = []
     for path, target in zip(inputs, targets, strict=True):
         original = read_input(path, channels)

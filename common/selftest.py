@@ -60,10 +60,10 @@ class Run:
 def prepare(args: argparse.Namespace, given: set[str]) -> Run:
     """Check the values and choose the device; a bad value is a UserError (exit code 2) before
     any check runs."""
+    from .cli import check_positive
     from .device import select_device, set_memory_fraction
     from .models import find_source
     from .precision import make_precision
-    from .session import check_positive
 
     check_positive(args, "batches", "batch_size", "img_size")
     path = Path(args.model_path)

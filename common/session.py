@@ -146,13 +146,6 @@ def archive_previous_run(output: Path, run_files: tuple[str, ...] = ()) -> None:
     note_previous_runs(output, logging.getLogger(LOGGER_NAME).info)
 
 
-def check_positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is None or value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
-
-
 class EpochWriter:
     """on_epoch_end for fit(): checkpoint.pth (resume state), best_model.pth, metrics.csv,
     TensorBoard scalars, curves.png and the epoch's log line. Only rank 0 writes.

@@ -146,6 +146,8 @@ def next_commands(task: str, model: Path, output: Path, args: argparse.Namespace
                          "--files", str(held_out)])
     elif data is not None:
         commands.append(["python", _script("validate.py"), "--model", str(model), "--data-dir", str(data)])
+    if commands and getattr(args, "skip_bad_images", False):  # the unreadable images are still there
+        commands[0].append("--skip-bad-images")
     if data is not None:
         if task == "segmentation":
             images = sorted(p for p in (data / "imgs").glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
@@ -211,7 +213,10 @@ def run_job(args: argparse.Namespace, s: Session, job: Job, ckpt: dict | None) -
                         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
                         step_size=args.step_size, gamma=args.gamma, t0=args.t0, t_mult=args.t_mult)
     state = _resume(args, ckpt, s, job.plain, optimizer, schedule)
-    open_output(s, resuming=ckpt is not None, run_files=(job.best_name, NONFINITE_FILE))
+    # resumed in its own folder, the run continues there; into another folder (--output), whatever
+    # that folder held is another run's, moved aside as for a new run
+    in_place = ckpt is not None and Path(args.resume).resolve().parent == s.output.resolve()
+    open_output(s, resuming=in_place, run_files=(job.best_name, NONFINITE_FILE))
     if ckpt is not None:
         _carry_best_model(args, s, job)
     save_run_config(s)

@@ -133,7 +133,7 @@ def validate_segmentation(loaded, args, s) -> int:
     from .tasks import SegmentationTask
 
     data_dir = Path(args.data_dir)
-    pairs = seg.find_pairs(data_dir)
+    pairs = seg.find_pairs(data_dir, log=s.log)
     if args.files:
         pairs = keep_listed(pairs, lambda pair: pair[0], data_dir, Path(args.files))
     seg.check_pairs(pairs, args.check_images, show_progress=True)

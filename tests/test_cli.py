@@ -73,14 +73,21 @@ def test_config_string_values_are_converted_with_the_flag_type(tmp_path):
 
 
 def test_unknown_config_key_lists_valid_keys(tmp_path):
-    config = write_json(tmp_path / "c.json", {"batchsize": 16})
+    config = write_json(tmp_path / "c.json", {"bsz": 16})
     with pytest.raises(UserError) as info:
         cli.resolve(make_parser(), ["--config", str(config)])
     message = str(info.value)
-    assert "'batchsize'" in message
+    assert "'bsz'" in message
     assert str(config) in message
     assert "batch_size" in message and "weight_decay" in message  # the valid keys are listed
     assert "resume" not in message.split("valid keys:")[1]  # per-invocation keys are not offered
+
+
+def test_a_mistyped_config_key_names_the_key_meant(tmp_path):
+    config = write_json(tmp_path / "c.json", {"batchsize": 16})
+    with pytest.raises(UserError) as info:
+        cli.resolve(make_parser(), ["--config", str(config)])
+    assert str(info.value) == f"config file {config}: unknown key 'batchsize'; did you mean 'batch_size'?"
 
 
 @pytest.mark.parametrize("key", ["resume", "config"])

@@ -136,6 +136,27 @@ def test_resume_into_another_folder_continues_there_with_every_output(dataset, t
     assert all(str(elsewhere) in name for name in named)
 
 
+def test_resume_into_a_folder_holding_another_run_moves_that_run_aside(dataset, tmp_path, capsys):
+    """--resume A/checkpoint.pth --output B, where B holds run B: B's files go to previous_run_*
+    (as for a new run into B), never replaced; the resumed run then has B to itself."""
+    import csv
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(dataset, a, "--epochs", "2") == 0
+    assert run(dataset, b, "--epochs", "1", "--seed", "7") == 0
+    b_metrics, b_best = (b / "metrics.csv").read_text(), (b / "best_model.pth").read_bytes()
+    capsys.readouterr()
+    assert gpu_train.main(["--resume", str(a / "checkpoint.pth"), "--epochs", "3", "--output", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"notice: {b} held an earlier run; moved its files to " in out
+    (archive,) = b.glob("previous_run_*")
+    assert (archive / "metrics.csv").read_text() == b_metrics
+    assert (archive / "best_model.pth").read_bytes() == b_best
+    rows = list(csv.DictReader((b / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]  # run A's history, continued
+    assert f"copied the best model so far from {a / 'best_model.pth'}" in out  # not run B's best model
+
+
 def test_results_files_in_missing_folders_are_created_and_impossible_ones_refused_first(dataset, tmp_path,
                                                                                          capsys):
     import predict

@@ -55,6 +55,33 @@ def test_find_pairs_matches_masks_with_mask_suffix_and_reports_extra_masks(tmp_p
     assert "orphan_mask.png" in messages[0]
 
 
+def test_find_pairs_leaves_out_what_predict_wrote_into_imgs(tmp_path):
+    """predict.py without -o writes <name>_OUT.png (and <name>_OUT_viz.png) beside its input: run on
+    an image of imgs/, that file must not stop the next training or validation as a maskless image."""
+    _save(tmp_path / "imgs" / "cat.png", _rgb())
+    _save(tmp_path / "masks" / "cat_mask.png", _binary(), "L")
+    _save(tmp_path / "imgs" / "cat_OUT.png", _binary(), "L")
+    _save(tmp_path / "imgs" / "cat_OUT_viz.png", _rgb())
+    _save(tmp_path / "imgs" / "scan_OUT.png", _rgb())  # an image of the user's own with that name...
+    _save(tmp_path / "masks" / "scan_OUT_mask.png", _binary(), "L")  # ...and a mask: it is an image
+    messages: list[str] = []
+    pairs = seg.find_pairs(tmp_path, log=messages.append)
+    assert [Path(i).name for i, _ in pairs] == ["cat.png", "scan_OUT.png"]
+    assert messages == [f"notice: ignored 2 file(s) in {tmp_path / 'imgs'} that predict.py wrote "
+                        "(<name>_OUT.png, without a mask): cat_OUT.png, cat_OUT_viz.png; "
+                        "move them out of imgs/"]
+    (tmp_path / "imgs" / "dog.png").write_bytes((tmp_path / "imgs" / "cat.png").read_bytes())
+    with pytest.raises(UserError, match="1 of 5 images .* have no mask .*: dog.png;"):
+        seg.find_pairs(tmp_path)  # an image without a mask is still an error
+
+
+def test_find_pairs_of_only_predict_outputs_is_an_error(tmp_path):
+    _save(tmp_path / "imgs" / "a_OUT.png", _binary(), "L")
+    _save(tmp_path / "masks" / "b_mask.png", _binary(), "L")
+    with pytest.raises(UserError, match="holds only files predict.py wrote"):
+        seg.find_pairs(tmp_path)
+
+
 def test_find_pairs_accepts_the_same_stem(tmp_path):
     for name in ("a", "b"):
         _save(tmp_path / "imgs" / f"{name}.jpg", _rgb())

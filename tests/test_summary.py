@@ -133,6 +133,18 @@ def test_classification_commands_parse_and_use_this_runs_paths(tmp_path, layout,
     assert parsed["export_onnx.py"].output == str(out / "model.onnx")
 
 
+def test_after_skipping_unreadable_images_the_validate_command_skips_them_too(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_folder(data / "val", per_class=1)
+    model = write(out / "best_model.pth", 10)
+    plain = next_commands("classification", model, out, namespace(data_dir=str(data)))
+    skipped = next_commands("classification", model, out, namespace(data_dir=str(data), skip_bad_images=True))
+    assert "--skip-bad-images" not in plain[0]
+    assert skipped[0] == [*plain[0], "--skip-bad-images"]
+    assert parse_command(shlex.join(skipped[0]))[1].skip_bad_images
+    assert skipped[1:] == plain[1:]  # predict.py skips and lists unreadable files by itself
+
+
 def test_segmentation_commands_predict_one_real_image(tmp_path):
     data, out = tmp_path / "data", tmp_path / "checkpoints"
     for name in ("b.png", "a.jpg", "notes.txt"):

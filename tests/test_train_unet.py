@@ -74,6 +74,10 @@ def test_validate_reports_dice_and_predict_writes_masks(trained, shapes, tmp_pat
     assert "foreground" in capsys.readouterr().out
     assert predict.main(["-m", str(trained / "best_model.pth"), "-i", str(image), "-c", "3"]) == 2
     assert "-c 3 contradicts" in capsys.readouterr().err
+    jpeg = tmp_path / "mask.jpg"  # written (an image), with a word on what JPEG does to mask values
+    assert predict.main(["-m", str(trained / "best_model.pth"), "-i", str(image), "-o", str(jpeg)]) == 0
+    assert f"notice: {jpeg}: JPEG compression changes some mask values" in capsys.readouterr().out
+    assert Image.open(jpeg).format == "JPEG"
 
 
 def test_default_output_name_and_no_save(trained, shapes, tmp_path):

@@ -143,6 +143,8 @@ def folder_splits(data_dir: Path, val_split: float, seed: int) -> FolderSplits:
     A data_dir holding class folders directly (no train/) is split the same way.
     """
     train_dir = data_dir / "train"
+    if not 0.0 < val_split < 1.0:  # also where a val/ folder leaves it unused: a typo all the same
+        raise UserError(f"--val-split must be between 0 and 1, got {val_split}")
     if not data_dir.exists():
         raise UserError(f"data folder {data_dir} does not exist; put your images in "
                         f"{data_dir}/train/<class>/ and {data_dir}/val/<class>/ "

@@ -70,6 +70,10 @@ def _image_files(folder: Path, data_dir: Path) -> list[Path]:
     return files
 
 
+# the stems of predict.py's outputs (<name>_OUT.png, and its --viz overlay <name>_OUT_viz.png)
+PREDICT_SUFFIXES = ("_OUT", "_OUT_viz")
+
+
 def find_pairs(data_dir: Path, mask_suffix: str | None = None,
                log: Callable[[str], None] | None = None) -> list[Pair]:
     """(image, mask) paths, sorted by image name. mask_suffix=None accepts the image's stem
@@ -88,9 +92,12 @@ def find_pairs(data_dir: Path, mask_suffix: str | None = None,
     missing: list[str] = []
     ambiguous: list[str] = []
     used: set[Path] = set()
+    predicted: list[str] = []
     for image in images:
         found = [m for s in suffixes for m in by_stem.get(image.stem.lower() + s.lower(), [])]
-        if not found:
+        if not found and image.stem.endswith(PREDICT_SUFFIXES):
+            predicted.append(image.name)  # predict.py's mask of an image of this folder, not an image
+        elif not found:
             missing.append(image.name)
         elif len(found) > 1:
             ambiguous.append(f"{image.name} -> {' and '.join(m.name for m in found)}")
@@ -105,6 +112,12 @@ def find_pairs(data_dir: Path, mask_suffix: str | None = None,
     if ambiguous:
         raise UserError(f"several masks match the same image: {_listing(ambiguous)}; keep one mask "
                         f"per image in {data_dir / 'masks'}")
+    if predicted and log is not None:
+        log(f"notice: ignored {len(predicted)} file(s) in {data_dir / 'imgs'} that predict.py wrote "
+            f"(<name>_OUT.png, without a mask): {_listing(predicted)}; move them out of imgs/")
+    if not pairs and not missing and predicted:
+        raise UserError(f"{data_dir / 'imgs'} holds only files predict.py wrote ({_listing(predicted)}); "
+                        "put the images in imgs/ and their masks in masks/")
     unused = [m.name for m in masks if m not in used]
     if unused and log is not None:
         log(f"ignored {len(unused)} masks without an image in {data_dir / 'imgs'}: {_listing(unused)}")

@@ -391,15 +391,22 @@ def permute_head(model: nn.Module, order: list[int]) -> None:
 
 
 def load_weights_file(model: nn.Module, path: str | Path, log: Callable[[str], None],
-                      trust: bool = False) -> None:
-    """--weights: take every tensor whose name and shape fit (a different head is left new).
-    trust: --trust-checkpoint, which also reads a whole pickled model (its state_dict is taken)."""
+                      trust: bool = False, *, task: str = "classification", flag: str = "--weights",
+                      shape_flags: str = "--model") -> None:
+    """--weights (-f/--load for the U-Net): take every tensor whose name and shape fit (a different
+    head is left new). trust: --trust-checkpoint, which also reads a whole pickled model (its
+    state_dict is taken). A toolkit checkpoint of another task is refused by name; shape_flags:
+    the flags that choose the architecture, for the message when nothing fits."""
     from ..checkpoint import FORMAT, load_raw
 
     raw = load_raw(path, trust=trust)
     if isinstance(raw, nn.Module):
         raw = raw.state_dict()
     elif isinstance(raw, dict) and raw.get("format") == FORMAT:
+        if raw.get("task", task) != task:
+            name = (raw.get("model") or {}).get("name", "?") if isinstance(raw.get("model"), dict) else "?"
+            raise UserError(f"{flag} {path} is a {raw['task']} checkpoint ({name}); this script needs "
+                            f"{task} weights")
         raw = raw["state_dict"]
     elif isinstance(raw, dict):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -414,7 +421,7 @@ def load_weights_file(model: nn.Module, path: str | Path, log: Callable[[str], N
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fitting:
         raise UserError(f"no tensor in {path} fits {type(model).__name__}; check that the file "
-                        "belongs to the same architecture as --model")
+                        f"belongs to the same architecture as {shape_flags}")
     model.load_state_dict(fitting, strict=False)
     left = sorted(set(own) - set(fitting))
     note = f"; kept new: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}" if left else ""
