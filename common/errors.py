@@ -26,7 +26,21 @@ def user_message(exc: UserError) -> str:
     if text.startswith("Caught UserError") and _WORKER_PREFIX in text:
         text = text.rsplit(_WORKER_PREFIX, 1)[1]
     return " ".join(text.split())
+
+
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, docker stop, a scheduler's time limit) ends a run as Ctrl+C does: through
+    the same cleanup (the checkpoint being written is finished) and the same closing line."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 _SAVED: dict[str, object] = {}  # the last checkpoint this process wrote or resumed from
 
 
@@ -87,12 +101,21 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         except UserError as exc:
             report_error(user_message(exc))
             return EXIT_USER_ERROR
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             print(interrupted_message(), file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent sends SIGTERM and reports by itself
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        guarded = record(guarded)
-    return guarded(argv)
+        return record(guarded)(argv)
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return guarded(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return guarded(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

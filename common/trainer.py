@@ -364,7 +364,7 @@ def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
     per_step = args.batch_size * args.accumulate_grad_batches
     s.log(f"batch {args.batch_size} per process x {world} process(es) x accumulation "
           f"{args.accumulate_grad_batches} = global batch {per_step * world}; "
-          f"{args.epochs} epochs; output in {s.output}")
+          f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}; output in {s.output}")
     if ckpt is None:
         return TrainState()
     state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)

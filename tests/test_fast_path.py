@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -382,6 +383,33 @@ def test_ctrl_c_says_which_checkpoint_is_intact_or_that_there_is_none(dataset, t
     err = capsys.readouterr().err
     assert f"interrupted: {saved} (epoch 2) is intact; continue with --resume {saved}" in err
     assert ckpt_lib.load_checkpoint(saved)["train_state"]["epoch"] == 2
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM")
+def test_sigterm_ends_a_run_as_ctrl_c_does_with_its_closing_line(dataset, tmp_path):
+    """kill, docker stop and a scheduler's time limit send SIGTERM: the run stops as on Ctrl+C (the
+    checkpoint intact, the line that says how to go on), with exit code 143 (128 + SIGTERM)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "gpu_train.py"), "--data-dir",
+           str(dataset), "--output", str(out), *FAST, "--epochs", "500"]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pth").is_file() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # somewhere in a later epoch, maybe inside a save
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err[-2000:]
+    saved = out / "checkpoint.pth"
+    assert f"interrupted: {saved} (epoch " in err and f"continue with --resume {saved}" in err, err[-2000:]
+    assert "Traceback" not in err
+    epoch = int(err.split(f"interrupted: {saved} (epoch ", 1)[1].split(")", 1)[0])
+    assert ckpt_lib.load_checkpoint(saved, need_train_state=True)["train_state"]["epoch"] == epoch
 
 
 # ------------------------------------------------------------------ saving beside training
