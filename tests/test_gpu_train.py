@@ -112,7 +112,9 @@ def test_resume_with_too_few_epochs_is_a_clear_error(dataset, tmp_path, capsys):
     assert train(dataset, out, "--epochs", "2") == 0
     capsys.readouterr()
     assert gpu_train.main(["--resume", str(out / "checkpoint.pth"), "--epochs", "2"]) == 2
-    assert "already trained 2 epochs" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "already trained 2 epochs" in captured.err
+    assert "data:" not in captured.out and "model:" not in captured.out  # said before the work
 
 
 def test_new_run_moves_an_earlier_run_aside(dataset, tmp_path):
