@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt_lib
 from .classify_args import DEMO_PRESET, add_classification_args, add_distributed_args  # noqa: F401
-from .cli import check_positive, inheritable, resolve
+from .cli import check_positive, check_same_architecture, inheritable, resolve
 from .data.builtin import TORCHVISION_SETS, make_demo_dataset, torchvision_classes, torchvision_dataset
 from .data.fast_path import classification_batches
 from .data.images import (
@@ -78,6 +78,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
         layers.append(inheritable(ckpt.get("config", {}), parser))
         layers.append({"output": str(Path(first.resume).parent)})
     args, given = resolve(parser, argv, layers, base=base)
+    if ckpt is not None:
+        check_same_architecture(args, given, ckpt, first.resume, ("model",))
     args._given = given  # a set: kept out of config.json, read for the recipe's log line
     return args, ckpt
 

@@ -238,6 +238,19 @@ _RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, Tru
            ("ema", 0.0, 1.0, False, False), ("nan_max_skips", 0, None, True, True))
 
 
+def check_same_architecture(args: argparse.Namespace, given: Iterable[str], ckpt: Mapping[str, Any],
+                            source: str, keys: Sequence[str]) -> None:
+    """A resumed run keeps the model it was trained with: a shape flag typed again with another
+    value is one line (not the long list of tensors that then do not fit)."""
+    saved = ckpt.get("config") or {}
+    for key in keys:
+        if key in given and key in saved and getattr(args, key) != saved[key]:
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(f"{flag} {getattr(args, key)} contradicts {source}, trained with {flag} "
+                            f"{saved[key]}; a resumed run keeps its model: drop {flag}, or train the "
+                            "other model as a new run (without --resume)")
+
+
 def check_positive(args: argparse.Namespace, *names: str) -> None:
     """Whole-number flags that must be 1 or more (batch sizes, epochs, widths), one line each."""
     for name in names:

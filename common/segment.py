@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_lib
-from .cli import check_positive, inheritable, resolve
+from .cli import check_positive, check_same_architecture, inheritable, resolve
 from .data import segmentation as seg
 from .data.fast_path import segmentation_batches
 from .data.loaders import make_loader
@@ -42,7 +42,9 @@ def resolve_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namesp
     ckpt = ckpt_lib.load_checkpoint(first.resume, task=TASK, need_train_state=True,
                                     trust=first.trust_checkpoint, start_from="-f/--load")
     layers += [inheritable(ckpt.get("config", {}), parser), {"output": str(Path(first.resume).parent)}]
-    return resolve(parser, argv, layers)[0], ckpt
+    args, given = resolve(parser, argv, layers)
+    check_same_architecture(args, given, ckpt, first.resume, ("width", "bilinear", "classes"))
+    return args, ckpt
 
 
 def inspect_data(args: argparse.Namespace, s: Session):

@@ -97,14 +97,14 @@ class Assets:
             make_shapes_dataset(root, n=8, size=32)
         return self.copy("shapes", build, to)
 
-    def unet(self, to: str = "unet.pth") -> str:
+    def unet(self, to: str = "unet.pth", which: str = "best_model.pth") -> str:
         def build(out: Path) -> None:
             import train_unet
 
             data = self._once("shapes_for_training", lambda r: self._shapes(r))
             assert train_unet.main(["--data-dir", str(data), "--output", str(out), "-e", "1", "-b", "4",
                                     "-v", "25", *UNET_FAST]) == 0
-        return shutil.copy(self._once("unet", build) / "best_model.pth", to) and to
+        return shutil.copy(self._once("unet", build) / which, to) and to
 
     @staticmethod
     def _shapes(root: Path) -> None:
@@ -142,6 +142,12 @@ def recordings(root: str, first: list[str] | None = None, header: str = "acc_x,a
 def train(*argv: str) -> Callable[[Assets], list[str]]:
     """A gpu_train case on the shared image folder with quick flags, plus `argv`."""
     return lambda a: ["--data-dir", a.images(), "--output", "out", *FAST, "--epochs", "1", *argv]
+
+
+def unet_checkpoint(a: Assets) -> str:
+    """A U-Net run's resume state (width 8) with its data beside it."""
+    a.shapes()
+    return a.unet("checkpoint.pth", which="checkpoint.pth")
 
 
 def truncated(a: Assets, fraction: float, name: str = "checkpoint.pth") -> str:
@@ -291,6 +297,9 @@ CASES: list[Case] = [
          lambda a: train("--config", write("c.json", "{lr: 0.1"))(a), "not valid JSON"),
     Case(FLAGS, "--config file holds a list", "gpu_train",
          lambda a: train("--config", write("c.json", "[1, 2]"))(a), "JSON object"),
+    Case(FLAGS, "--resume with another --model", "gpu_train",
+         lambda a: ["--resume", a.classifier("checkpoint.pth", which="checkpoint.pth"), "--epochs", "5",
+                    "--model", "resnet18"], "contradicts"),
     Case(FLAGS, "--val-split outside (0, 1), also beside a val/ folder", "gpu_train",
          train("--val-split", "1.5"), "--val-split"),
     Case(FLAGS, "--config file with an unknown key", "gpu_train",
@@ -364,6 +373,8 @@ CASES: list[Case] = [
          lambda a: ["--data-dir", a.shapes(), "--output", "out", *UNET_FAST, "-s", "1.5"], "-s"),
     Case(UNET, "-v outside 0-100", "train_unet",
          lambda a: ["--data-dir", a.shapes(), "--output", "out", *UNET_FAST, "-v", "150"], "-v"),
+    Case(UNET, "--resume with another --width", "train_unet",
+         lambda a: ["--resume", unet_checkpoint(a), "-e", "5", "--width", "16"], "contradicts"),
     Case(UNET, "--width 0", "train_unet",
          lambda a: ["--data-dir", a.shapes(), "--output", "out", *UNET_FAST, "--width", "0"], "--width"),
     Case(UNET, "-f/--load of a classification checkpoint", "train_unet",

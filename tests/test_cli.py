@@ -264,3 +264,13 @@ def test_config_numbers_that_fit(tmp_path):
     assert args.lr == 1.0
     assert args.epochs == 4 and args.gpu_id is None
     assert args.clip_grad == 2.0
+
+
+def test_a_resumed_run_keeps_its_architecture_flags():
+    ckpt = {"config": {"width": 8, "bilinear": False, "lr": 0.1}}
+    same = argparse.Namespace(width=8, bilinear=False, lr=0.5)
+    cli.check_same_architecture(same, {"width", "lr"}, ckpt, "c.pth", ("width", "bilinear"))  # typed, equal
+    other = argparse.Namespace(width=16, bilinear=True, lr=0.1)
+    cli.check_same_architecture(other, set(), ckpt, "c.pth", ("width", "bilinear"))  # not typed: fine
+    with pytest.raises(UserError, match=r"^--bilinear True contradicts c.pth, trained with --bilinear False"):
+        cli.check_same_architecture(other, {"bilinear"}, ckpt, "c.pth", ("width", "bilinear"))
