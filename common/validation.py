@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .data.images import IMAGE_EXTENSIONS
 from .errors import UserError
 
 HELD_OUT = "val_files.txt"
@@ -57,6 +58,9 @@ def read_held_out(listing: Path) -> list[str]:
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not names:
         raise UserError(f"--files {listing} lists no images; pass the val_files.txt that training wrote")
+    if not any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in names):
+        raise UserError(f"--files {listing} names no image file (its first line: {names[0][:60]!r}); pass "
+                        "the val_files.txt that training wrote, one image path per line")
     return names
 
 

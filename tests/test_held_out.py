@@ -112,13 +112,16 @@ def test_unet_run_lists_its_validation_pairs_and_validate_gives_its_dice(tmp_pat
     assert payload["metrics"]["dice"] == pytest.approx(float(best["val_dice"]), abs=1e-5)
 
 
-@pytest.mark.parametrize("case", ["missing list", "empty list", "image not there", "other data dir"])
+@pytest.mark.parametrize("case", ["missing list", "empty list", "not a list", "image not there",
+                                  "other data dir"])
 def test_a_wrong_list_is_one_line(flat_run, tmp_path, capsys, case):
     data, out = flat_run
     listing = tmp_path / "list.txt"
     data_dir = data
     if case == "empty list":
         listing.write_text("# nothing\n\n")
+    elif case == "not a list":
+        listing.write_text("import os\nprint(os.getcwd())\n")
     elif case == "image not there":
         listing.write_text("top/top_000.png\ntop/gone.png\n")
     elif case == "other data dir":
@@ -131,6 +134,7 @@ def test_a_wrong_list_is_one_line(flat_run, tmp_path, capsys, case):
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --files {listing}"), err
     expected = {"missing list": "does not exist; pass the val_files.txt that training wrote",
                 "empty list": "lists no images",
+                "not a list": "names no image file (its first line: 'import os'); pass the val_files.txt",
                 "image not there": f"1 of 2 listed image(s) are not in {data_dir}, e.g. top/gone.png; "
                                    "pass the --data-dir the model was trained on",
                 "other data dir": f"are not in {data_dir}, e.g. bottom/"}[case]
