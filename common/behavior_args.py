@@ -37,6 +37,9 @@ def add_behavior_args(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--output", default="./behavior_results", help="results folder (./behavior_results)")
     add_training_args(parser, batch_size=32, epochs=100, lr=1e-3, patience=10)
+    # a pipeline of several models has no single checkpoint to continue: --resume is refused with
+    # a line that says so (behavior.py), and not offered in --help
+    next(a for a in parser._actions if a.dest == "resume").help = argparse.SUPPRESS
     add_device_args(parser, amp_aliases=("--mixed-precision",))
     g = parser.add_argument_group("data loading and processes")
     g.add_argument("--persistent-workers", type=tristate, nargs="?", const=True, default=True,

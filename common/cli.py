@@ -235,7 +235,8 @@ _RANGES = (("lr", 0.0, None, False, True), ("weight_decay", 0.0, None, True, Tru
            ("min_delta", 0.0, None, True, True), ("min_lr", 0.0, None, True, True),
            ("gamma", 0.0, None, False, True), ("mixup", 0.0, None, True, True),
            ("cutmix", 0.0, None, True, True), ("mix_prob", 0.0, 1.0, True, True),
-           ("ema", 0.0, 1.0, False, False), ("nan_max_skips", 0, None, True, True))
+           ("ema", 0.0, 1.0, False, False), ("nan_max_skips", 0, None, True, True),
+           ("step_size", 0, None, False, True), ("t0", 0, None, False, True), ("t_mult", 1, None, True, True))
 
 
 def check_same_architecture(args: argparse.Namespace, given: Iterable[str], ckpt: Mapping[str, Any],

@@ -41,6 +41,38 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+class _PipeSafe:
+    """stdout that outlives the reader of its pipe (`python predict.py ... | head`): once the pipe
+    is gone, later lines go to the null device and the work goes on (a results file still gets
+    written) instead of ending in a BrokenPipeError traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 _SAVED: dict[str, object] = {}  # the last checkpoint this process wrote or resumed from
 
 
@@ -114,8 +146,14 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
 
     if threading.current_thread() is not threading.main_thread():
         return guarded(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous, stdout = signal.signal(signal.SIGTERM, _on_sigterm), sys.stdout
+    try:
+        stdout.fileno()
+        sys.stdout = _PipeSafe(stdout)
+    except (AttributeError, OSError, ValueError):  # captured (a test), not a file: leave it
+        pass
     try:
         return guarded(argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.stdout = stdout

@@ -97,8 +97,10 @@ def load_source(args: argparse.Namespace) -> Source:
     loaded = load_for_inference(path, torch.device("cpu"), tasks=ALL_TASKS, trust=args.trust_checkpoint,
                                 arch=args.arch, num_classes=args.num_classes, img_size=args.img_size or 224)
     if loaded.task != TASK:
+        instead = {"segmentation": "continue a U-Net with train_unet.py -f/--load",
+                   "timeseries": "train a behaviour model again with run_behavior_classification.py"}
         raise UserError(f"{path} is a {loaded.task} checkpoint; finetune_gpu.py fine-tunes image "
-                        "classifiers (continue a U-Net with train_unet.py --load)")
+                        f"classifiers ({instead.get(loaded.task, 'use the script that trained it')})")
     model, spec = loaded.model, loaded.spec
     if spec is None:  # a whole pickled model: its architecture must be one we can rebuild
         model, spec = _rebuild_pickled(loaded.model, args.arch, path)

@@ -36,6 +36,18 @@ def _pyplot():
     return plt
 
 
+class _Console(logging.StreamHandler):
+    """The console handler. When the reader of a pipe has gone (`python gpu_train.py | head`),
+    the console lines stop and the run goes on, writing training.log: no "Logging error" block
+    with a traceback for every later line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.setStream(open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - lives with the handler
+            return
+        super().handleError(record)
+
+
 def setup_logging(enabled: bool = True) -> logging.Logger:
     """Console logging (stdout); lines are also kept until attach_log_file() writes them to
     training.log, so a run that fails on bad input leaves the output folder untouched."""
@@ -43,7 +55,7 @@ def setup_logging(enabled: bool = True) -> logging.Logger:
     close_logging()
     logger.setLevel(logging.INFO if enabled else logging.ERROR)
     logger.propagate = False
-    console = logging.StreamHandler(sys.stdout)
+    console = _Console(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     logger.addHandler(logging.handlers.BufferingHandler(capacity=10_000))

@@ -112,6 +112,8 @@ def test_temporary_files_of_a_killed_save_are_swept_with_the_space_freed(dataset
     ("--clip-grad", "-1", "--clip-grad must be a number > 0, got -1.0"),
     ("--momentum", "1.5", "--momentum must be a number >= 0 and <= 1, got 1.5"),
     ("--warmup-epochs", "-2", "--warmup-epochs must be a number >= 0, got -2.0"),
+    ("--step-size", "0", "--step-size must be a number > 0, got 0"),
+    ("--t-mult", "0", "--t-mult must be a number >= 1, got 0"),
 ])
 def test_numbers_a_run_cannot_use_are_refused_before_it_starts(dataset, tmp_path, capsys, flag, value,
                                                                message):

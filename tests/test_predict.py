@@ -73,6 +73,25 @@ def test_folders_globs_csv_json_and_unreadable_files(trained, tmp_path, capsys):
     assert correct / len(good) > 0.75  # the model learnt the two classes
 
 
+def test_output_piped_into_a_reader_that_stops_early_still_finishes_the_work(trained, tmp_path):
+    """`python predict.py ... | head -1`: after the reader has gone, the lines go nowhere and the
+    results file is still written; no BrokenPipeError traceback, exit code 0."""
+    import subprocess
+    import sys
+
+    model, data = trained
+    results = tmp_path / "r.csv"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "predict.py"), "--model", str(model),
+           "--input", str(data / "val"), "--output", str(results), "--num-workers", "0"]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    child.stdout.readline()  # what `head -1` reads
+    child.stdout.close()  # and then it exits
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert len(results.read_text().splitlines()) == 1 + 12  # the header and every image
+
+
 def test_predict_and_validate_agree_on_every_image(trained, tmp_path):
     model, data = trained
     results, out = tmp_path / "v.json", tmp_path / "p.json"

@@ -344,6 +344,14 @@ def test_empty_file_and_ragged_rows(tmp_path, rng):
     assert f"{paths[1]} line 3 has 2 cells but the header has 3 columns" in text
 
 
+def test_one_class_is_refused(tmp_path, rng):
+    recs = make_activity_recordings(rng, per_class=3)
+    write_recordings(tmp_path / "d", [r for r in recs if r[0] == "sit"])
+    text = error_of(ts.load_series_data, tmp_path / "d")
+    assert text == (f"{tmp_path / 'd'} holds one class only (sit); a classifier needs recordings of at "
+                    "least two classes (one folder, or one label, per class)")
+
+
 def test_too_few_recordings_per_class(tmp_path, rng):
     recs = make_activity_recordings(rng, per_class=3)
     sit = [r for r in recs if r[0] == "sit"]

@@ -1013,6 +1013,10 @@ def load_series_data(data_dir: str | Path | None, *, data_glob: str | None = Non
     layout, split_folders, recordings, names, notes = _read_sources(_sources(data_dir, data_glob), opts)
     windows = (_long_windows if layout == "long" else _whole_windows)(recordings, opts, notes)
     classes = _sorted_classes(set(windows.labels))
+    if len(classes) < 2:  # a model that always says the one class scores 100%: a meaningless run
+        where = data_dir if data_dir is not None else data_glob
+        raise UserError(f"{where} holds one class only ({classes[0] if classes else 'none'}); a classifier "
+                        "needs recordings of at least two classes (one folder, or one label, per class)")
     index = {name: k for k, name in enumerate(classes)}
     y = np.array([index[label] for label in windows.labels], np.int64)
     folder_split = {r.id: r.split for r in recordings} if split_folders else None
