@@ -258,7 +258,8 @@ def test_bad_input_is_one_line_and_writes_nothing(work, capsys, case):
     (work / "notes.pt").write_text("not a model")
     argv, expected = {
         "segmentation": ([f"--model-path={_segmentation_checkpoint(work / 'unet.pth')}"],
-                         "is a segmentation checkpoint; finetune_gpu.py fine-tunes image classifiers"),
+                         "is a segmentation checkpoint; finetune_gpu.py fine-tunes image classifiers "
+                         "(continue a U-Net with train_unet.py -f/--load)"),
         "freeze_until_unknown": (["--model-path=model/mnist_cnn3.pt", "--freeze-until=feature.9"],
                                  "--freeze-until 'feature.9' names no module of SmallCNN"),
         "nothing_to_train": (["--model-path=model/mnist_cnn3.pt", "--freeze-until=head"],
