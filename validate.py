@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.cli import add_device_args, add_loading_args, check_positive, new_parser, resolve
-from common.errors import UserError, run_cli
+from common.errors import run_cli
 from common.series_args import add_series_args
 
 
@@ -71,9 +71,6 @@ def _main(argv: Sequence[str] | None) -> int:
     if loaded.task == "segmentation":
         return validate_segmentation(loaded, args, s)
     if loaded.task == "timeseries":
-        if args.files:
-            raise UserError("--files lists images; a time-series model is validated on recordings: "
-                            "leave --files out")
         from common.series_tools import validate_recordings
 
         return validate_recordings(loaded, args, s, report)

@@ -39,7 +39,7 @@ GUIDE_KEYS = {"data_dir": "data_dir", "batch_size": "batch_size", "learning_rate
               "num_epochs": "epochs", "model_types": "models", "use_gpu": "no_gpu", "device_id": "gpu_id",
               "use_amp": "amp", "compile_model": "compile", "multi_gpu": "multi_gpu"}
 LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "drop_last")
-RESULT_FILES = ("report.md", "results.json", "splits.json", *MODELS)
+RESULT_FILES = ("report.md", "results.json", "splits.json", "test_files.txt", *MODELS)
 
 
 def read_guide_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -157,6 +157,24 @@ def make_loaders(args: argparse.Namespace, s: Session, data: ts.SeriesData, stat
             for name, part in data.splits.items()}
 
 
+def _write_held_out(s: Session, data: ts.SeriesData) -> None:
+    """test_files.txt: the recordings of the final split, when the split was drawn from one folder
+    (a test/ folder is a held-out folder already), for `validate.py --files`."""
+    args = s.args
+    if not getattr(args, "data_dir", None) or getattr(args, "data_glob", None):
+        return
+    root = Path(args.data_dir)
+    if not root.is_dir() or any((root / split).is_dir() for split in ("train", "val", "test")):
+        return
+    from .outdir import write_atomically
+    from .validation import TEST_HELD_OUT, held_out_text
+
+    final = "test" if "test" in data.split_ids else "val"
+    text = held_out_text(root, data.split_ids[final], ids=True,
+                         what=f"the recordings of the {final} split, which no model trained on")
+    write_atomically(s.output / TEST_HELD_OUT, lambda fh: fh.write(text))
+
+
 def _open_results(s: Session, data: ts.SeriesData) -> None:
     """Move an earlier run aside, start training.log, write the split; data is known good here."""
     if s.is_main:
@@ -164,6 +182,7 @@ def _open_results(s: Session, data: ts.SeriesData) -> None:
         s.output.mkdir(parents=True, exist_ok=True)
         attach_log_file(s.output)
         ts.write_splits_json(data, s.output / "splits.json")
+        _write_held_out(s, data)
     barrier()
     save_run_config(s)
 

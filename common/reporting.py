@@ -199,6 +199,7 @@ _OUTPUT_FILES = {
     "curves.png": "loss, metric and learning rate per epoch",
     "val_samples.png": "validation images, true and predicted masks",
     "val_files.txt": "the images held out for validation (validate.py --files)",
+    "test_files.txt": "the recordings no model trained on (validate.py --files)",
     "confusion_matrix.png": "confusion matrix",
     "test_metrics.json": "the best model on the test split",
     "report.md": "the models compared",

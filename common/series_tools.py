@@ -167,13 +167,33 @@ def labelled_windows(data_dir: Path, loaded: LoadedModel, args: argparse.Namespa
 def evaluate_folder(loaded: LoadedModel, data_dir: Path, s: Session, batch_size: int,
                     limit: int | None = None, args: argparse.Namespace | None = None
                     ) -> tuple[dict[str, torch.Tensor], int]:
-    """Totals (loss, accuracy, confusion) of the model on the windows of data_dir."""
-    x, y, _ = labelled_windows(data_dir, loaded, args)
+    """Totals (loss, accuracy, confusion) of the model on the windows of data_dir (only those of
+    the recordings a --files list names, where args has one)."""
+    x, y, ids = labelled_windows(data_dir, loaded, args)
+    if args is not None and getattr(args, "files", None):
+        x, y = _listed_windows(x, y, ids, data_dir, Path(args.files))
     if limit is not None:
         x, y = x[:limit], y[:limit]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
     task = SeriesTask(len(loaded.classes or []))
     return evaluate(loaded.model, task, loader, s.precision, s.device), len(y)
+
+
+def _listed_windows(x: torch.Tensor, y: torch.Tensor, ids: list[str], data_dir: Path,
+                    listing: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of the recordings --files lists (the behaviour pipeline's test_files.txt)."""
+    from .validation import held_out_root, read_held_out
+
+    names = read_held_out(listing, images=False)
+    missing = sorted(set(names) - set(ids))
+    if missing:
+        root = held_out_root(listing)
+        where = (f"; the list is for --data-dir {root}" if root is not None and root != data_dir
+                 else "; pass the --data-dir the model was trained on")
+        raise UserError(f"--files {listing}: {len(missing)} of {len(names)} listed recording(s) are not in "
+                        f"{data_dir}, e.g. {missing[0]}{where}")
+    keep = torch.tensor([i in set(names) for i in ids], dtype=torch.bool)
+    return x[keep], y[keep]
 
 
 def validate_recordings(loaded: LoadedModel, args: argparse.Namespace, s: Session,

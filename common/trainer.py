@@ -26,7 +26,7 @@ from .nanguard import NonFiniteGuard, NonFiniteReport, NonFiniteStop
 from .optim import Schedule, build_optimizer
 from .reporting import run_summary
 from .session import EpochWriter, Session, open_output, restore_train_state, save_run_config, start_session
-from .validation import HELD_OUT, held_out_root
+from .validation import HELD_OUT, TEST_HELD_OUT, held_out_root
 
 
 @dataclass
@@ -142,7 +142,8 @@ def next_commands(task: str, model: Path, output: Path, args: argparse.Namespace
     scripts can read it (a class folder tree, imgs/ + masks/, recordings), else export only."""
     data = _evaluation_data(task, args)
     commands = []
-    held_out = output / HELD_OUT
+    lists = [output / name for name in (HELD_OUT, TEST_HELD_OUT)]
+    held_out = next((path for path in lists if path.is_file()), lists[0])
     root = held_out_root(held_out) if data is not None and held_out.is_file() else None
     if root is not None and root.is_dir():  # val was split off the training folder: those images only
         commands.append(["python", _script("validate.py"), "--model", str(model), "--data-dir", str(root),

@@ -18,6 +18,7 @@ from .data.images import IMAGE_EXTENSIONS
 from .errors import UserError
 
 HELD_OUT = "val_files.txt"
+TEST_HELD_OUT = "test_files.txt"  # the behaviour pipeline's final split: recording ids
 _ROOT_TAG = "# data-dir: "
 
 T = TypeVar("T")
@@ -27,12 +28,14 @@ def _relative(path: str | os.PathLike, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def held_out_text(root: Path, paths: Iterable[str | os.PathLike]) -> str:
-    """val_files.txt: a header naming the folder the paths are relative to, then one image per line."""
+def held_out_text(root: Path, paths: Iterable[str | os.PathLike], *, ids: bool = False,
+                  what: str = "the images this run held out for validation") -> str:
+    """val_files.txt: a header naming the folder the paths are relative to, then one image per line
+    (ids=True: recording ids as the data loader names them, already relative to root)."""
     lines = [f"{_ROOT_TAG}{root}",
-             "# the images this run held out for validation; evaluate on them only with",
+             f"# {what}; evaluate on them only with",
              f"#   python validate.py --model <best_model.pth> --data-dir {root} --files <this file>"]
-    return "\n".join(lines + sorted(_relative(p, root) for p in paths)) + "\n"
+    return "\n".join(lines + sorted(str(p) if ids else _relative(p, root) for p in paths)) + "\n"
 
 
 def held_out_root(listing: Path) -> Path | None:
@@ -45,8 +48,9 @@ def held_out_root(listing: Path) -> Path | None:
     return Path(first[len(_ROOT_TAG):]) if first.startswith(_ROOT_TAG) else None
 
 
-def read_held_out(listing: Path) -> list[str]:
-    """The relative paths a --files list names (blank lines and # comments left out)."""
+def read_held_out(listing: Path, images: bool = True) -> list[str]:
+    """The relative paths (recording ids with images=False) a --files list names (blank lines and
+    # comments left out)."""
     if not listing.is_file():
         raise UserError(f"--files {listing} does not exist; pass the val_files.txt that training wrote "
                         "in its output folder")
@@ -58,7 +62,7 @@ def read_held_out(listing: Path) -> list[str]:
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not names:
         raise UserError(f"--files {listing} lists no images; pass the val_files.txt that training wrote")
-    if not any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in names):
+    if images and not any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in names):
         raise UserError(f"--files {listing} names no image file (its first line: {names[0][:60]!r}); pass "
                         "the val_files.txt that training wrote, one image path per line")
     return names

@@ -313,6 +313,32 @@ def test_validate_on_a_folder_of_recordings(trained, tmp_path, capsys):
     assert "windows: 60" in printed and (tmp_path / "confusion_matrix.png").is_file()
 
 
+def test_the_test_recordings_are_listed_and_validate_files_scores_them_as_the_run_did(trained, tmp_path,
+                                                                                      capsys):
+    """test_files.txt lists the test split (splits.json's ids); validate.py --files with it scores
+    exactly those recordings, with the run's own test accuracy; the summary prints that command."""
+    import validate
+
+    data, model = trained
+    out = model.parent.parent
+    listed = [line for line in (out / "test_files.txt").read_text().splitlines() if not line.startswith("#")]
+    assert listed == json.loads((out / "splits.json").read_text())["test"] and listed
+    assert f"--data-dir {data} --files {out / 'test_files.txt'}" in (out / "training.log").read_text()
+    results = tmp_path / "v.json"
+    assert validate.main(["--model", str(model), "--data-dir", str(data), "--files",
+                          str(out / "test_files.txt"), "--results-file", str(results),
+                          "--output-dir", str(tmp_path)]) == 0
+    got = json.loads(results.read_text())
+    assert got["windows"] == len(listed)  # one window per recording at --window-size 64
+    run_result = json.loads((out / "results.json").read_text())["models"]["cnn"]
+    assert got["metrics"]["acc"] == pytest.approx(run_result["test_accuracy"], abs=1e-9)
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("walk/nope.csv\n")
+    capsys.readouterr()
+    assert validate.main(["--model", str(model), "--data-dir", str(data), "--files", str(wrong)]) == 2
+    assert "1 of 1 listed recording(s) are not in" in capsys.readouterr().err
+
+
 def test_export_onnx_of_a_behaviour_model_matches_onnxruntime(trained, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     import onnx
