@@ -344,6 +344,16 @@ def test_empty_file_and_ragged_rows(tmp_path, rng):
     assert f"{paths[1]} line 3 has 2 cells but the header has 3 columns" in text
 
 
+def test_a_window_far_longer_than_every_recording_is_refused(tmp_path, rng):
+    recs = make_activity_recordings(rng, per_class=3)
+    write_recordings(tmp_path / "d", recs)
+    longest = max(len(values) for _, values in recs)
+    assert ts.load_series_data(tmp_path / "d", window_size=2 * longest).window_size == 2 * longest
+    text = error_of(ts.load_series_data, tmp_path / "d", window_size=2 * longest + 1)
+    assert text.startswith(f"--window-size {2 * longest + 1} is more than twice the longest recording "
+                           f"({longest} steps)") and f"pass --window-size {longest} or less" in text
+
+
 def test_one_class_is_refused(tmp_path, rng):
     recs = make_activity_recordings(rng, per_class=3)
     write_recordings(tmp_path / "d", [r for r in recs if r[0] == "sit"])

@@ -1011,6 +1011,11 @@ def load_series_data(data_dir: str | Path | None, *, data_glob: str | None = Non
                          pure_windows, fill_missing)
     _check_fractions(val_fraction, test_fraction)
     layout, split_folders, recordings, names, notes = _read_sources(_sources(data_dir, data_glob), opts)
+    longest = max((len(r.values) for r in recordings), default=0)
+    if window_size is not None and layout != "long" and window_size > 2 * longest:
+        raise UserError(f"--window-size {window_size} is more than twice the longest recording ({longest} "
+                        "steps): every window would be mostly zero padding; pass --window-size "
+                        f"{longest} or less, or leave it out (the median length)")
     windows = (_long_windows if layout == "long" else _whole_windows)(recordings, opts, notes)
     classes = _sorted_classes(set(windows.labels))
     if len(classes) < 2:  # a model that always says the one class scores 100%: a meaningless run
