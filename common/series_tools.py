@@ -182,17 +182,12 @@ def evaluate_folder(loaded: LoadedModel, data_dir: Path, s: Session, batch_size:
 def _listed_windows(x: torch.Tensor, y: torch.Tensor, ids: list[str], data_dir: Path,
                     listing: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of the recordings --files lists (the behaviour pipeline's test_files.txt)."""
-    from .validation import held_out_root, read_held_out
+    from .validation import check_all_listed, read_held_out
 
     names = read_held_out(listing, images=False)
-    missing = sorted(set(names) - set(ids))
-    if missing:
-        root = held_out_root(listing)
-        where = (f"; the list is for --data-dir {root}" if root is not None and root != data_dir
-                 else "; pass the --data-dir the model was trained on")
-        raise UserError(f"--files {listing}: {len(missing)} of {len(names)} listed recording(s) are not in "
-                        f"{data_dir}, e.g. {missing[0]}{where}")
-    keep = torch.tensor([i in set(names) for i in ids], dtype=torch.bool)
+    check_all_listed(names, set(ids), listing, data_dir, "recording")
+    wanted = set(names)
+    keep = torch.tensor([i in wanted for i in ids], dtype=torch.bool)
     return x[keep], y[keep]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,14 +74,21 @@ def keep_listed(items: Sequence[T], path_of: Callable[[T], str], data_dir: Path,
     be there, or it is one line saying how many are missing and which --data-dir the list is for."""
     names = read_held_out(listing)
     found = {_relative(path_of(item), data_dir): item for item in items}
+    check_all_listed(names, found, listing, data_dir, "image")
+    return [found[n] for n in dict.fromkeys(names)]
+
+
+def check_all_listed(names: Sequence[str], found: Collection[str], listing: Path, data_dir: Path,
+                     kind: str) -> None:
+    """Every name a --files list holds is among `found`, or one line saying how many are missing
+    and which --data-dir the list is for (its header)."""
     missing = [n for n in names if n not in found]
     if missing:
         root = held_out_root(listing)
         where = (f"; the list is for --data-dir {root}" if root is not None and root != data_dir
                  else "; pass the --data-dir the model was trained on")
-        raise UserError(f"--files {listing}: {len(missing)} of {len(names)} listed image(s) are not in "
+        raise UserError(f"--files {listing}: {len(missing)} of {len(names)} listed {kind}(s) are not in "
                         f"{data_dir}, e.g. {missing[0]}{where}")
-    return [found[n] for n in dict.fromkeys(names)]
 
 
 def readable_samples(samples: list[tuple[str, int]], args) -> list[tuple[str, int]]:
