@@ -139,9 +139,6 @@ def train(args: argparse.Namespace, ckpt: dict | None, source: Source | None) ->
         raise UserError(f"--patience must be 0 (off) or more, got {args.early_stopping_patience}")
     if args.early_stopping_patience == 0:
         args.early_stopping_patience = None  # 0: no early stopping
-    if ckpt is not None and args.epochs <= ckpt["train_state"]["epoch"]:
-        done = ckpt["train_state"]["epoch"]
-        raise UserError(f"{args.resume} has already trained {done} epochs; pass --epochs above {done}")
     return in_session(args, ckpt, lambda a, c, s: _finetune(a, c, s, source))
 
 

@@ -138,16 +138,13 @@ def check_training_memory(model: nn.Module, flag: str, size: int, channels: int,
         return
     avail, where, fixed, per_pixel = need_of
     per_input = per_pixel * size * size
-    recovers = device.type == "cuda" if recovers is None else recovers
-    count = 1 if recovers else batch
-    need = fixed + count * per_input
+    recovers, count, need = _inputs_at_once(device, recovers, batch, fixed, per_input)
     if need > avail:
         side = _largest_square((avail - fixed) / count, per_pixel)
         what = "one input" if count == 1 else f"a batch of {batch}"
         fix = f"use a smaller {flag} (about {side} px at most)" if side >= 8 else \
             "the model itself does not fit: use a smaller model"
-        if count > 1 and fixed + per_input <= avail:
-            fix += f", or a smaller --batch-size (about {max(1, int((avail - fixed) // per_input))})"
+        fix += _smaller_batch("--batch-size", count, avail, fixed, per_input)
         raise UserError(f"{flag} {size}: training cannot fit: {what} needs at least {human(need)} "
                         f"(weights, gradients and optimizer {human(fixed)}, activations and inputs "
                         f"{human(per_input)} per input), and there is {human(avail)} {where}; {fix}")
@@ -165,23 +162,36 @@ def check_scaled_memory(model: nn.Module, height: int, width: int, scale: float,
         return
     avail, where, fixed, per_pixel = need_of
     per_input = per_pixel * h * w
-    recovers = device.type == "cuda" if recovers is None else recovers
-    count = 1 if recovers else batch
-    need = fixed + count * per_input
+    recovers, count, need = _inputs_at_once(device, recovers, batch, fixed, per_input)
     if need > avail:
         fits = math.sqrt(max(avail - fixed, 0) / count / per_input) * scale
         what = "one image" if count == 1 else f"a batch of {batch}"
         fix = f"use a smaller -s/--scale (about {math.floor(fits * 100) / 100:.2f} at most)" \
             if fits * min(height, width) >= 16 else \
             "even the smallest scale the U-Net takes does not fit: use a smaller --width"
-        if count > 1 and fixed + per_input <= avail:
-            fix += f", or a smaller -b/--batch-size (about {max(1, int((avail - fixed) // per_input))})"
+        fix += _smaller_batch("-b/--batch-size", count, avail, fixed, per_input)
         raise UserError(f"-s/--scale {scale}: training on {height} x {width} px images ({h} x {w} scaled) "
                         f"cannot fit: {what} needs at least {human(need)} (weights, gradients and "
                         f"optimizer {human(fixed)}, activations and inputs {human(per_input)} per image), "
                         f"and there is {human(avail)} {where}; {fix}")
     _notice_split(recovers, fixed + batch * per_input, avail, where,
                   f"a batch of {batch} at {h} x {w} px", log)
+
+
+def _inputs_at_once(device: torch.device, recovers: bool | None, batch: int, fixed: int,
+                    per_input: float) -> tuple[bool, int, float]:
+    """(recovers, inputs that must fit at once, bytes they need): with out-of-memory recovery (CUDA)
+    one input must fit, as the batch is split; without it, the whole batch."""
+    recovers = device.type == "cuda" if recovers is None else recovers
+    count = 1 if recovers else batch
+    return recovers, count, fixed + count * per_input
+
+
+def _smaller_batch(flag: str, count: int, avail: int, fixed: int, per_input: float) -> str:
+    """", or a smaller --batch-size (about N)" where one input fits but not the batch."""
+    if count > 1 and fixed + per_input <= avail:
+        return f", or a smaller {flag} (about {max(1, int((avail - fixed) // per_input))})"
+    return ""
 
 
 def _notice_split(recovers: bool, need: float, avail: int, where: str, what: str,

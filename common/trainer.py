@@ -57,8 +57,9 @@ def in_session(args: argparse.Namespace, ckpt: dict | None,
     """Start the session (device, process group, logging), run the recipe, leave the group."""
     check_training_values(args)
     done = ((ckpt or {}).get("train_state") or {}).get("epoch")
-    if isinstance(done, int):  # before the data and the model load: seconds or minutes
-        _check_epochs_left(args, done)
+    if isinstance(done, int) and args.epochs <= done:  # before the data and the model load
+        raise UserError(f"{args.resume} has already trained {done} epochs; pass --epochs above {done} "
+                        "to train further")
     started = time.monotonic()
     s = start_session(args, Path(args.output))
     _CLOSING[id(s)] = None
@@ -363,12 +364,6 @@ def _start_from(state: TrainState, job: Job, writer: EpochWriter) -> None:
     writer.save_best(metrics)
 
 
-def _check_epochs_left(args: argparse.Namespace, done: int) -> None:
-    if args.epochs <= done:
-        raise UserError(f"{args.resume} has already trained {done} epochs; pass --epochs above {done} "
-                        "to train further")
-
-
 def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
     world = s.ctx.world_size
     per_step = args.batch_size * args.accumulate_grad_batches
@@ -378,7 +373,6 @@ def _resume(args, ckpt, s: Session, plain, optimizer, schedule) -> TrainState:
     if ckpt is None:
         return TrainState()
     state = restore_train_state(ckpt, plain, optimizer, schedule, s.precision, args.resume)
-    note_checkpoint(args.resume, state.epoch)
-    _check_epochs_left(args, state.epoch)
+    note_checkpoint(args.resume, state.epoch)  # in_session checked that epochs are left
     s.log(f"resumed from {args.resume} at epoch {state.epoch} (step {state.step})")
     return state
